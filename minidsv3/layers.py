@@ -1,0 +1,122 @@
+"""Building blocks shared by attention, experts and the model: Linear, RMSNorm, SwiGLU MLP, RoPE with YaRN.
+
+Report §2.1 (RMSNorm, SwiGLU experts), §4.3 and spec §1.4, §6 (YaRN).
+Shape legend: B batch · T positions · D hidden_size · H heads · F an MLP's intermediate size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from minidsv3 import fp8
+from minidsv3.config import ModelConfig
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """x (..., K) @ w (K, M) -> (..., M) float32, inputs cast to `dtype` (bf16 inputs run ~3x faster on CPU/GPU)."""
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    """N(0, std²) in float32: every learnable matrix starts this way (std 0.006, report §4.2)."""
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """y = x W, no bias (DeepSeek-V3 has none). Runs through the FP8 recipe when `cfg.fp8` and `quantize` are set.
+
+    `kernel` is stored (in, out) as Flax does; DeepSeek's checkpoints store `weight` as (out, in).
+    """
+
+    def __init__(self, in_features: int, out_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs, quantize: bool = True):
+        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), cfg.initializer_range))  # (in, out)
+        self.cfg = cfg
+        self.quantize = quantize and cfg.fp8  # the report keeps embedding, head and router in high precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
+        if self.quantize:
+            return fp8.fp8_matmul(x, self.kernel[...], self.cfg)
+        return matmul(x, self.kernel[...], self.cfg.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm(x) = x / sqrt(mean(x²) + eps) · weight, computed in float32 (the report keeps norms in high precision)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))  # (dim,)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., dim) -> (..., dim)
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.weight[...]
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) ⊙ up(x)). Dense layers, and each shared expert (Eq. 12, FFN^(s))."""
+
+    def __init__(self, cfg: ModelConfig, intermediate_size: int, *, rngs: nnx.Rngs):
+        self.gate_proj = Linear(cfg.hidden_size, intermediate_size, cfg, rngs=rngs)  # W1
+        self.up_proj = Linear(cfg.hidden_size, intermediate_size, cfg, rngs=rngs)  # W3
+        self.down_proj = Linear(intermediate_size, cfg.hidden_size, cfg, rngs=rngs)  # W2
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., F) -> (..., D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE with YaRN (spec §6). Only the decoupled parts q^R and k^R are rotated (Eqs. 3, 8).
+
+
+def yarn_get_mscale(factor: float, mscale: float) -> float:
+    """√t = 0.1·mscale·ln(s) + 1 for s > 1 (report §4.3; V2 used 0.0707)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse wavelengths θ^(-2j/d) for j < d/2 (d = qk_rope_head_dim), with YaRN's ramp when rope_scaling is set.
+
+    YaRN leaves short wavelengths alone (dims j < low rotate many times within the original context), divides long
+    ones by s (j > high), and blends linearly in between. low/high are the dims whose wavelength fits β_fast and
+    β_slow rotations into the original context. For V3 (d=64, θ=1e4, 4096, β=32/1): low=10, high=23 (spec §6).
+    """
+    dim = cfg.qk_rope_head_dim
+    freqs = cfg.rope_theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # (d/2,)
+    r = cfg.rope_scaling
+    if r is None or r.factor <= 1:
+        return freqs
+
+    def correction_dim(rotations: float) -> float:  # the dim j whose wavelength fits `rotations` turns in the context
+        return dim * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(correction_dim(r.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(r.beta_slow)), dim - 1)
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0.0, 1.0)  # (d/2,)
+    return freqs / r.factor * ramp + freqs * (1.0 - ramp)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(d_h + d_h^R) (Eq. 10), times mscale² under YaRN (spec §1.4: 0.0722 -> 0.1352 for V3 at s=40)."""
+    scale = cfg.qk_head_dim**-0.5
+    if cfg.rope_scaling is not None:
+        scale *= yarn_get_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
+    return scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Array:
+    """Rotate adjacent pairs (x_2j, x_2j+1) by angle pos·freq_j, the interleaved layout of DeepSeek's code (spec §1.3).
+
+    x: (B, T, ..., d) with `positions` (B, T) or (T,); any axes between T and d (heads) share the rotation.
+    """
+    positions = jnp.atleast_2d(positions)  # (B or 1, T)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, d/2)
+    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])  # (B, T, 1.., d/2) over heads
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    pairs = rearrange(x.astype(jnp.float32), "... (d two) -> ... d two", two=2)  # (..., d/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)  # (..., d/2, 2)
+    return rearrange(rotated, "... d two -> ... (d two)")  # (..., d)
