@@ -300,8 +300,12 @@ def from_dict(tables: dict) -> Config:
 
 
 def to_dict(cfg) -> dict:
-    """Plain nested dict (TOML/JSON-ready; None values dropped as TOML has no null)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    """A config dataclass as a plain nested dict, JSON/TOML-ready (None values dropped: TOML has no null)."""
+
+    def drop_none(d: dict) -> dict:
+        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    return drop_none(dataclasses.asdict(cfg))
 
 
 def _parse_override(text: str) -> tuple[list[str], object]:

@@ -1,5 +1,310 @@
-"""Placeholder: replaced by the FP8 module (report §3.3)."""
+"""FP8 training, simulated: fine-grained E4M3 quantization and limited-precision accumulation (report §3.3, App. B;
+[ISCA] §3.1; spec §4).
+
+How the recipe works
+--------------------
+DeepSeek-V3 runs all three GEMMs of a Linear in FP8: Fprop y = x W, Dgrad dx = dy Wᵀ and Wgrad dW = xᵀ dy. Both
+inputs are E4M3 (4 exponent bits, 3 mantissa bits, largest finite value 448) for every tensor, gradients included.
+E4M3 keeps ~2 significant digits over 2^-9..448, far too little for a whole tensor with outliers, so each tensor is
+cut into small tiles along the GEMM's contraction dimension K and every tile gets its own scale, computed online
+from the tile itself (no amax history):
+
+    activations  1×B tiles: per token, B consecutive channels            (report §3.3.1, Fig. 7a)
+    weights      B×B blocks: B input × B output channels
+    s = max(amax(tile), 1e-4) / 448,   q = e4m3(clip(x / s, ±448)),   x ≈ q·s
+
+B = 128 in the report (`cfg.fp8_block_size`). Square weight blocks serve Fprop (contracting input channels) and
+Dgrad (contracting output channels) alike. Wgrad contracts over *tokens*, so the cached 1×B input tiles are
+dequantized, transposed and re-quantized as B×1 tiles (B tokens of one channel, report §3.5.2); dy is quantized
+1×B along the output channels for Dgrad (B×B blocks of dy diverged on a 16B MoE, App. B.2) and B×1 for Wgrad.
+
+The second half is accumulation. Hopper's FP8 tensor cores add an MMA's products into an accumulator that keeps only
+the highest ~13 fraction bits ([ISCA] §3.1.1: FP22, 1 sign + 8 exponent + 13 mantissa bits; the report says "around
+14 bits"), which over K = 4096 loses up to ~2% (report §3.3.2). DeepSeek's fix: every N_C = 128 elements of K (4
+WGMMAs) the partial sum is copied to FP32 registers on the CUDA cores, multiplied by the two tiles' scales and added
+to an FP32 accumulator ("promotion").
+
+What is simulated, and what is not
+----------------------------------
+All arithmetic is float32 on whatever backend; nothing runs faster (on CPU it is slower than float32). What this
+module reproduces is the *numerics*:
+  * quantization is real: values go through `jnp.float8_e4m3fn` and back, so each operand carries exactly the
+    rounding, clipping and underflow that an FP8 tensor would;
+  * limited accumulation is emulated: K is cut into chunks of one MMA's depth (MMA_K = 32), each chunk's dot product
+    is computed in float32, added into a running accumulator that is truncated to `fp8_accum_mantissa_bits` fraction
+    bits after every chunk, and that accumulator is flushed into a float32 sum every `fp8_promotion_interval`
+    elements of K. Truncation, not rounding to nearest: [R] §3.5.2 says the tensor core keeps "the highest 14 bits"
+    of the aligned products and "truncates bits exceeding this range"; [ISCA] calls the register FP22. We drop the
+    low bits of the magnitude (toward zero); the sign-fill shift the report mentions would round negative sums toward
+    -inf instead. Either way the error is biased, so it grows like K, not √K, without promotion.
+
+How it differs from the production kernels (DeepGEMM; [G] inference/kernel.py `fp8_gemm_kernel`)
+----------------------------------------------------------------------------------------------
+  * Hardware truncates every product of an MMA after aligning it to the largest exponent; we truncate once per MMA,
+    after an exact chunk dot. Ours is the milder error: K = 4096 uniform random inputs lose ~0.3% here against the
+    report's ~2% (bench/fp8_accumulation.py; a smaller `mma_k` approaches per-product truncation).
+  * Our accumulator holds dequantized values q·s rather than raw q products with the scales applied at promotion.
+    The two are equal in exact arithmetic, and their truncation errors are of the same relative size; ours also
+    covers the tiny models' B = 32 or 64 under N_C = 128, where scales change inside a promotion interval.
+  * Only the Linear's input stays in FP8 between ops (the custom VJP caches q and s); the GEMMs' outputs are float32,
+    not BF16. Power-of-two scales are one switch (`cfg.fp8_pow2_scales`) rather than the report's three places, and
+    E5M6 caching, FP8 dispatch and BF16 optimizer moments are not reproduced.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange, repeat
+
+from minidsv3.config import ModelConfig
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn, 1.75·2^8; it has no inf, and an out-of-range cast becomes NaN
+AMAX_FLOOR = 1e-4  # [G] kernel.py act_quant clamps amax so that an all-zero tile still gets a finite scale
+MMA_K = 32  # K depth of one Hopper FP8 WGMMA (wgmma.m64nNk32 for e4m3); 4 of them make the report's N_C = 128
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots must stay float32 on GPU too (TF32 would swamp a 13-bit effect)
 
 
-def fp8_matmul(x, w, cfg):
-    raise NotImplementedError("FP8 matmul is not written yet")
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization: one scale per tile, computed online (report §3.3.1-3.3.2)
+
+
+def _scales(amax: jax.Array, pow2: bool) -> jax.Array:
+    """s = max(amax, 1e-4)/448, or the next power of two above it (UE8M0 scales, spec §4) when `pow2`."""
+    s = jnp.maximum(amax, AMAX_FLOOR) / E4M3_MAX
+    if pow2:
+        mantissa, exponent = jnp.frexp(s)  # s = mantissa·2^exponent, mantissa in [0.5, 1): exact, unlike log2
+        s = jnp.ldexp(jnp.ones_like(s), jnp.where(mantissa == 0.5, exponent - 1, exponent))  # 2^ceil(log2 s)
+    return s
+
+
+def _to_e4m3(x: jax.Array) -> jax.Array:
+    """Cast already-scaled values to E4M3 (round to nearest even), clipping first so 448.5 cannot become NaN."""
+    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def quantize_tiles(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Quantize the last two axes of x (..., R, C) to E4M3 with one scale per tile[0]×tile[1] tile.
+
+    Returns q (..., R, C) float8_e4m3fn and scales (..., ceil(R/tile[0]), ceil(C/tile[1])) float32, x ≈ q·s.
+    Ragged edges are zero-padded to whole tiles (zeros never raise an amax), as [G] does for weight blocks.
+    """
+    tr, tc = tile
+    *lead, rows, cols = x.shape
+    padding = [(0, 0)] * len(lead) + [(0, -rows % tr), (0, -cols % tc)]
+    tiles = rearrange(jnp.pad(x.astype(jnp.float32), padding), "... (r tr) (c tc) -> ... r c tr tc", tr=tr, tc=tc)
+    scales = _scales(jnp.max(jnp.abs(tiles), axis=(-2, -1)), pow2)  # (..., R/tr, C/tc)
+    q = _to_e4m3(tiles / scales[..., None, None])  # (..., R/tr, C/tc, tr, tc)
+    q = rearrange(q, "... r c tr tc -> ... (r tr) (c tc)")[..., :rows, :cols]  # (..., R, C)
+    return q, scales
+
+
+def dequantize(q: jax.Array, scales: jax.Array, tile: tuple[int, int]) -> jax.Array:
+    """q (..., R, C) times its tile's scale -> (..., R, C) float32: the inverse of `quantize_tiles` up to rounding."""
+    rows, cols = q.shape[-2:]
+    s = repeat(scales, "... r c -> ... (r tr) (c tc)", tr=tile[0], tc=tile[1])[..., :rows, :cols]  # (..., R, C)
+    return q.astype(jnp.float32) * s
+
+
+def quantize_dequantize(x: jax.Array, tile: tuple[int, int], pow2: bool = False) -> jax.Array:
+    """x (..., R, C) -> the float32 values an FP8 tensor with this tiling represents (x + quantization error)."""
+    return dequantize(*quantize_tiles(x, tile, pow2), tile)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Limited-precision accumulation and promotion (report §3.3.2)
+
+
+def truncate_mantissa(x: jax.Array, bits: int) -> jax.Array:
+    """Keep the sign, the exponent and the highest `bits` of float32's 23 fraction bits; drop the rest (toward 0)."""
+    mask = (0xFFFFFFFF << (23 - bits)) & 0xFFFFFFFF  # e.g. bits=13: the low 10 bits are cleared
+    raw = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(raw & jnp.uint32(mask), jnp.float32)
+
+
+def _accumulate(chunk_dot, chunks, promote: jax.Array, target: jax.Array, out: jax.Array, mantissa_bits: int):
+    """Run a GEMM's MMA chunks in K order the tensor-core way and return `out` with the promoted sums added.
+
+    For chunk j: acc <- truncate(acc + chunk_dot(*chunks[j])); where promote[j], out[target[j]] += acc in float32 and
+    acc <- 0. The chunk's dot is computed inside the loop: materializing all K/MMA_K partial products at once costs
+    ~4x more on CPU than the loop (memory traffic), for the same result.
+    """
+
+    def step(carry, inputs):
+        acc, out = carry
+        chunk, flush, t = inputs
+        acc = truncate_mantissa(acc + chunk_dot(*chunk), mantissa_bits)  # the limited-precision accumulator
+        out = out.at[t].add(jnp.where(flush, acc, 0.0), mode="drop")  # promotion: float32 add on the CUDA cores
+        return (jnp.where(flush, 0.0, acc), out), None
+
+    (_, out), _ = jax.lax.scan(step, (jnp.zeros(out.shape[1:], jnp.float32), out), (chunks, promote, target))
+    return out
+
+
+def _promotion_flags(chunk: jax.Array, last: jax.Array, promotion_interval: int | None, mma_k: int) -> jax.Array:
+    """(J,) bool: promote after every promotion_interval/mma_k-th chunk and after the last; None = only the last."""
+    if promotion_interval is None:
+        return last
+    if promotion_interval % mma_k:
+        raise ValueError(f"promotion_interval must be a multiple of mma_k={mma_k}, got {promotion_interval}")
+    return last | ((chunk + 1) % (promotion_interval // mma_k) == 0)
+
+
+def limited_precision_dot(
+    a: jax.Array, b: jax.Array, mantissa_bits: int, promotion_interval: int | None, mma_k: int = MMA_K
+) -> jax.Array:
+    """a (M, K) @ b (K, N) -> (M, N) float32 with an FP22-like accumulator promoted every `promotion_interval`
+    elements of K (None: never, as a plain FP8 GEMM on Hopper). Inputs are used as given; no quantization here."""
+    a_chunks = rearrange(jnp.pad(a.astype(jnp.float32), ((0, 0), (0, -a.shape[1] % mma_k))), "m (j k) -> j m k", k=mma_k)
+    b_chunks = rearrange(jnp.pad(b.astype(jnp.float32), ((0, -b.shape[0] % mma_k), (0, 0))), "(j k) n -> j k n", k=mma_k)
+    chunk = jnp.arange(a_chunks.shape[0])  # (J,), J = ceil(K / mma_k) MMA instructions
+    promote = _promotion_flags(chunk, chunk == chunk.shape[0] - 1, promotion_interval, mma_k)  # (J,)
+    out = jnp.zeros((1, a.shape[0], b.shape[1]), jnp.float32)  # (1, M, N)
+    dot = partial(jnp.dot, precision=HIGHEST)  # (M, mma_k) @ (mma_k, N)
+    return _accumulate(dot, (a_chunks, b_chunks), promote, jnp.zeros_like(chunk), out, mantissa_bits)[0]
+
+
+def _gemm(a: jax.Array, b: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return limited_precision_dot(a, b, cfg.fp8_accum_mantissa_bits, cfg.fp8_promotion_interval)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The FP8 Linear: Fprop, Dgrad and Wgrad, each with its own tiling (report §3.3, Fig. 6)
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x (..., K) @ w (K, M) -> (..., M) float32 through the FP8 recipe, forward and backward."""
+    tokens = rearrange(x.astype(jnp.float32), "... k -> (...) k")  # (N, K); the cast's VJP restores x's dtype
+    return _fp8_linear(tokens, w.astype(jnp.float32), cfg).reshape(*x.shape[:-1], w.shape[1])  # (..., M)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_linear(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return _fp8_linear_fwd(x, w, cfg)[0]
+
+
+def _fp8_linear_fwd(x, w, cfg):  # x (N, K), w (K, M)
+    b, pow2 = cfg.fp8_block_size, cfg.fp8_pow2_scales
+    qx, sx = quantize_tiles(x, (1, b), pow2)  # (N, K) e4m3, (N, K/b): per token, b channels along K
+    qw, sw = quantize_tiles(w, (b, b), pow2)  # (K, M) e4m3, (K/b, M/b)
+    y = _gemm(dequantize(qx, sx, (1, b)), dequantize(qw, sw, (b, b)), cfg)  # (N, M) Fprop
+    return y, (qx, sx, qw, sw)  # the input is cached in FP8 for backward (report §3.3.1)
+
+
+def _fp8_linear_bwd(cfg, residuals, dy):  # dy (N, M)
+    b, pow2 = cfg.fp8_block_size, cfg.fp8_pow2_scales
+    qx, sx, qw, sw = residuals
+    w_hat = dequantize(qw, sw, (b, b))  # (K, M): a b×b block of W is a b×b block of Wᵀ
+    dy_rows = quantize_dequantize(dy, (1, b), pow2)  # (N, M): 1×b tiles along M, Dgrad's contraction
+    dx = _gemm(dy_rows, rearrange(w_hat, "k m -> m k"), cfg)  # (N, K) Dgrad
+    x_cols = quantize_dequantize(dequantize(qx, sx, (1, b)), (b, 1), pow2)  # (N, K): FP8 1×b re-tiled to b×1
+    dy_cols = quantize_dequantize(dy, (b, 1), pow2)  # (N, M): b tokens of one channel
+    dw = _gemm(rearrange(x_cols, "n k -> k n"), dy_cols, cfg)  # (K, M) Wgrad, contracting over tokens
+    return dx, dw  # float32, like the master weights
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped GEMMs of the routed experts: rows of x are tokens sorted by expert, rows of expert e use w[e]
+
+
+def _grouped_gemm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x (M, K), w (E, K, N) -> (M, N): `ragged_dot` per MMA chunk of K, accumulated as in `limited_precision_dot`."""
+    k, mma_k = x.shape[1], MMA_K
+    x_chunks = rearrange(jnp.pad(x, ((0, 0), (0, -k % mma_k))), "m (j k) -> j m k", k=mma_k)  # (J, M, mma_k)
+    w_chunks = rearrange(jnp.pad(w, ((0, 0), (0, -k % mma_k), (0, 0))), "e (j k) n -> j e k n", k=mma_k)  # (J, E, ., N)
+    chunk = jnp.arange(x_chunks.shape[0])  # (J,)
+    promote = _promotion_flags(chunk, chunk == chunk.shape[0] - 1, cfg.fp8_promotion_interval, mma_k)  # (J,)
+    out = jnp.zeros((1, x.shape[0], w.shape[2]), jnp.float32)  # (1, M, N)
+    dot = partial(jax.lax.ragged_dot, group_sizes=group_sizes, precision=HIGHEST)  # (M, mma_k), (E, mma_k, N)
+    return _accumulate(dot, (x_chunks, w_chunks), promote, jnp.zeros_like(chunk), out, cfg.fp8_accum_mantissa_bits)[0]
+
+
+def _segment_tiles(group_sizes: jax.Array, rows: int, size: int):
+    """Cut each expert's segment of the sorted rows into tiles of `size` rows that start at the segment's first row,
+    so that no tile spans two experts (grouped kernels align every expert's segment to their tile size).
+
+    Rows past sum(group_sizes) form one more segment, index E. Returns the tile of every row (rows,) and, per tile
+    (T,), its segment, first row, row count, index within its segment and whether it is the segment's last;
+    T = rows//size + E + 1 is a static bound (a segment leaves less than one tile unfilled); unused tiles have 0 rows.
+    """
+    segments = jnp.append(group_sizes, rows - jnp.sum(group_sizes))  # (E+1,)
+    seg_start = jnp.cumsum(segments) - segments  # (E+1,) first row of each segment
+    seg_tiles = -(-segments // size)  # (E+1,) tiles per segment
+    seg_first = jnp.cumsum(seg_tiles) - seg_tiles  # (E+1,) first tile of each segment
+    row = jnp.arange(rows)  # (rows,)
+    row_segment = jnp.searchsorted(seg_start + segments, row, side="right")  # (rows,)
+    row_tile = seg_first[row_segment] + (row - seg_start[row_segment]) // size  # (rows,)
+    tile = jnp.arange(rows // size + segments.shape[0])  # (T,)
+    tile_segment = jnp.minimum(jnp.searchsorted(seg_first + seg_tiles, tile, side="right"), segments.shape[0] - 1)
+    tile_index = tile - seg_first[tile_segment]  # (T,)
+    tile_rows = jnp.clip(segments[tile_segment] - tile_index * size, 0, size)  # (T,)
+    tile_start = seg_start[tile_segment] + tile_index * size  # (T,)
+    tile_last = tile_index == seg_tiles[tile_segment] - 1  # (T,)
+    return row_tile, tile_segment, tile_start, tile_rows, tile_index, tile_last
+
+
+def _quantize_dequantize_token_tiles(x: jax.Array, group_sizes: jax.Array, size: int, pow2: bool) -> jax.Array:
+    """x (M, C) through E4M3 in size×1 tiles along the sorted tokens, tiles cut inside each expert's segment."""
+    row_tile, tile_segment = _segment_tiles(group_sizes, x.shape[0], size)[:2]
+    amax = jax.ops.segment_max(jnp.abs(x), row_tile, num_segments=tile_segment.shape[0])  # (T, C); -inf if empty
+    s = _scales(amax, pow2)[row_tile]  # (M, C): each row's tile scale, per column
+    return _to_e4m3(x / s).astype(jnp.float32) * s
+
+
+def _grouped_wgrad(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """dW_e = x_eᵀ dy_e over expert e's tokens -> (E, K, N), with MMA chunks and promotion intervals counted from the
+    start of each expert's segment."""
+    mma_k, (rows, k), n = MMA_K, x.shape, dy.shape[1]
+    _, chunk_expert, chunk_start, chunk_rows, chunk_index, last = _segment_tiles(group_sizes, rows, mma_k)  # (T,)
+    promote = _promotion_flags(chunk_index, last, cfg.fp8_promotion_interval, mma_k)  # (T,), per expert segment
+    x_pad = jnp.pad(x, ((0, mma_k), (0, 0)))  # (M + mma_k, K): a chunk read at any start stays in bounds
+    dy_pad = jnp.pad(dy, ((0, mma_k), (0, 0)))  # (M + mma_k, N)
+
+    def chunk_dot(start, count):  # x_cᵀ dy_c over the chunk's `count` rows -> (K, N)
+        live = (jnp.arange(mma_k) < count)[:, None]  # (mma_k, 1)
+        xc = jnp.where(live, jax.lax.dynamic_slice_in_dim(x_pad, start, mma_k), 0.0)  # (mma_k, K)
+        dyc = jax.lax.dynamic_slice_in_dim(dy_pad, start, mma_k)  # (mma_k, N)
+        return jnp.einsum("tk,tn->kn", xc, dyc, precision=HIGHEST)
+
+    out = jnp.zeros((group_sizes.shape[0], k, n), jnp.float32)  # (E, K, N); segment E (unrouted rows) is dropped
+    return _accumulate(chunk_dot, (chunk_start, chunk_rows), promote, chunk_expert, out, cfg.fp8_accum_mantissa_bits)
+
+
+def fp8_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x (M, K) rows sorted by expert, w (E, K, N), group_sizes (E,) -> (M, N) float32: `jax.lax.ragged_dot` through
+    the FP8 recipe. Rows past sum(group_sizes) give zeros, as in ragged_dot."""
+    return _fp8_grouped(x.astype(jnp.float32), w.astype(jnp.float32), group_sizes.astype(jnp.int32), cfg)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return _fp8_grouped_fwd(x, w, group_sizes, cfg)[0]
+
+
+def _fp8_grouped_fwd(x, w, group_sizes, cfg):  # x (M, K), w (E, K, N)
+    b, pow2 = cfg.fp8_block_size, cfg.fp8_pow2_scales
+    qx, sx = quantize_tiles(x, (1, b), pow2)  # (M, K), (M, K/b): per token, so no tile spans two experts
+    qw, sw = quantize_tiles(w, (b, b), pow2)  # (E, K, N), (E, K/b, N/b): b×b blocks of every expert
+    y = _grouped_gemm(dequantize(qx, sx, (1, b)), dequantize(qw, sw, (b, b)), group_sizes, cfg)  # (M, N) Fprop
+    return y, (qx, sx, qw, sw, group_sizes)
+
+
+def _fp8_grouped_bwd(cfg, residuals, dy):  # dy (M, N)
+    b, pow2 = cfg.fp8_block_size, cfg.fp8_pow2_scales
+    qx, sx, qw, sw, group_sizes = residuals
+    routed = (jnp.arange(dy.shape[0]) < jnp.sum(group_sizes))[:, None]  # (M, 1): rows ragged_dot actually used
+    dy = jnp.where(routed, dy, 0.0)  # (M, N)
+    w_t = rearrange(dequantize(qw, sw, (b, b)), "e k n -> e n k")  # (E, N, K)
+    dx = _grouped_gemm(quantize_dequantize(dy, (1, b), pow2), w_t, group_sizes, cfg)  # (M, K) Dgrad
+    x_cols = _quantize_dequantize_token_tiles(dequantize(qx, sx, (1, b)), group_sizes, b, pow2)  # (M, K) b×1
+    dy_cols = _quantize_dequantize_token_tiles(dy, group_sizes, b, pow2)  # (M, N) b×1
+    dw = _grouped_wgrad(x_cols, dy_cols, group_sizes, cfg)  # (E, K, N) Wgrad
+    return dx, dw, None  # group_sizes are integers: no gradient
+
+
+_fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)

@@ -1,0 +1,137 @@
+"""The DeepSeek-V3 Transformer: embeddings -> blocks (MLA + dense MLP or DeepSeekMoE) -> norm -> head, plus MTP.
+
+`Transformer.__call__` returns `(logits, aux)`; `aux` carries the per-layer expert loads, the sequence-wise balance
+loss and the MTP loss, so that the training step can act on them in the open (report §2.1.2, §2.2).
+Shape legend: B batch · T positions · S cache positions · D hidden_size · E routed experts · V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minidsv3 import moe
+from minidsv3.block import Block
+from minidsv3.config import ModelConfig
+from minidsv3.layers import Linear, RMSNorm, matmul, normal_init
+from minidsv3.mla import LatentCache, init_cache
+from minidsv3.mtp import MTPModule, mtp_forward, mtp_loss
+
+
+class Transformer(nnx.Module):
+    """The main model (61 layers in V3) and its `num_nextn_predict_layers` MTP modules."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range))
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # The head stays in high precision even with FP8 on (report §3.3.1).
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs=rngs, quantize=False)
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens (B, T) int -> (B, T, D)."""
+        return jnp.take(self.embed_tokens[...], tokens, axis=0)
+
+    def head(self, h_normed: jax.Array) -> jax.Array:
+        """OutHead: normed hidden states (B, T, D) -> logits (B, T, V), float32."""
+        if self.lm_head is None:
+            return matmul(h_normed, self.embed_tokens[...].T, "float32")  # tied: (D, V)
+        return self.lm_head(h_normed)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        targets: jax.Array | None = None,
+        loss_mask: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """tokens (B, T) -> logits (B, T, V) and aux.
+
+        targets (B, T) (= tokens shifted by one) switch on the MTP modules; loss_mask (B, T) weights the targets
+        (SFT scores responses only); token_mask (B, T) marks real tokens, padding is kept out of the expert loads.
+        aux: expert_load (moe layers, E) · mtp_expert_load (D_mtp, E) · balance_loss () · mtp_loss () (Eq. 25 / λ).
+        """
+        positions = jnp.arange(tokens.shape[1])  # (T,)
+        token_mask = jnp.ones(tokens.shape, jnp.float32) if token_mask is None else token_mask  # (B, T)
+        h = self.embed(tokens)  # (B, T, D)
+        loads, balance_loss = [], jnp.zeros((), jnp.float32)
+        for layer in self.layers:
+            h, load, bal = layer(h, positions, token_mask)  # (B, T, D), (E,) or None
+            if load is not None:
+                loads.append(load)
+                balance_loss += bal
+        logits = self.head(self.norm(h))  # (B, T, V)
+        aux = {
+            "expert_load": jnp.stack(loads) if loads else jnp.zeros((0, self.cfg.n_routed_experts)),  # (L_moe, E)
+            "mtp_expert_load": jnp.zeros((0, self.cfg.n_routed_experts)),
+            "balance_loss": balance_loss,
+            "mtp_loss": jnp.zeros((), jnp.float32),
+        }
+        if targets is not None and len(self.mtp) > 0:
+            loss_mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
+            mtp_logits, mtp_loads, mtp_balance = mtp_forward(
+                self.mtp, h, tokens, positions, token_mask, self.embed, self.head
+            )
+            aux.update(
+                mtp_loss=mtp_loss(mtp_logits, targets, loss_mask),
+                mtp_expert_load=jnp.stack(mtp_loads),
+                balance_loss=balance_loss + mtp_balance,
+            )
+        return logits, aux
+
+    # -- generation from the compressed latent cache (spec §1.5) --------------------------------------------------
+
+    def init_cache(self, batch: int, max_len: int) -> list[LatentCache]:
+        """One latent cache per layer: (B, S, kv_lora_rank) + (B, S, qk_rope_head_dim) floats."""
+        return [init_cache(self.cfg, batch, max_len) for _ in self.layers]
+
+    def decode(self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array) -> tuple[jax.Array, list]:
+        """tokens (B, T) at positions start..start+T-1 -> logits (B, T, V) and the updated caches."""
+        h = self.embed(tokens)  # (B, T, D)
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h, cache = layer.decode(h, cache, start)  # (B, T, D)
+            new_caches.append(cache)
+        return self.head(self.norm(h)), new_caches
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean next-token NLL in nats over the positions where mask is 1. logits (B, T, V), targets and mask (B, T)."""
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]  # (B, T)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def training_loss(model: Transformer, batch: dict, mtp_lambda: jax.Array) -> tuple[jax.Array, dict]:
+    """L = L_main + λ·L_MTP (Eq. 25) + L_Bal (Eq. 17); returns (L, metrics with the expert loads)."""
+    logits, aux = model(
+        batch["inputs"], targets=batch["targets"], loss_mask=batch["loss_mask"], token_mask=batch["token_mask"]
+    )
+    main = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    loss = main + mtp_lambda * aux["mtp_loss"] + aux["balance_loss"]
+    return loss, {"loss": main, **aux}
+
+
+def routers(model: Transformer) -> list[moe.Router]:
+    """The routers in the order of aux's loads: main MoE layers, then the MTP blocks'."""
+    blocks = [*model.layers, *(m.block for m in model.mtp)]
+    return [b.mlp.gate for b in blocks if b.is_moe]
+
+
+def update_router_biases(model: Transformer, expert_load: jax.Array, gamma: jax.Array) -> None:
+    """The aux-loss-free bias update of every router (report §2.1.2), outside autodiff, once per optimizer step.
+
+    expert_load (L_moe + D_mtp, E): loads summed over all micro-batches of the step (rows as `routers`).
+    """
+    for router, load in zip(routers(model), expert_load, strict=True):
+        router.e_score_correction_bias[...] = moe.update_router_bias(router.e_score_correction_bias[...], load, gamma)
+
+
+def with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
+    """The same parameters under another config with the same shapes (context extension switches YaRN on)."""
+    fresh = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(fresh)
+    return nnx.merge(graphdef, nnx.state(model))

@@ -1,0 +1,64 @@
+"""PNG plots of a run from its metrics.jsonl: losses over all stages, expert loads and router biases over time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write loss.png, expert_load.png and router_bias.png into `run_dir`; return their paths."""
+    run_dir = Path(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if not r.get("eval")]
+    evals = [r for r in records if r.get("eval")]
+    if not steps:
+        return []
+    written = []
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
+    for prev, cur in zip(steps, steps[1:]):
+        if cur["stage"] != prev["stage"]:
+            ax.axvline(prev["step"], color="grey", ls="--", lw=0.8)
+            ax.text(prev["step"], ax.get_ylim()[1], f" {cur['stage']}", va="top", fontsize=8, color="grey")
+    ax.set(xlabel="optimizer step", ylabel="nats / token", title="Loss over pre-training, context extension and SFT")
+    ax.legend()
+    written.append(_save(fig, run_dir / "loss.png"))
+
+    loads = np.asarray([r["expert_load"] for r in steps], dtype=float)  # (steps, L_moe, E)
+    biases = np.asarray([r["router_bias"] for r in steps], dtype=float)  # (steps, L_moe + D_mtp, E)
+    if loads.ndim == 3 and loads.shape[1] > 0:
+        n_layers = loads.shape[1]
+        fig, axes = plt.subplots(n_layers, 1, figsize=(9, 2.2 * n_layers), squeeze=False)
+        share = loads / np.maximum(loads.sum(-1, keepdims=True), 1) * loads.shape[-1]  # 1.0 = perfectly balanced
+        for i, ax in enumerate(axes[:, 0]):
+            im = ax.imshow(share[:, i].T, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest")
+            ax.set(ylabel=f"MoE layer {i}\nexpert")
+            fig.colorbar(im, ax=ax, label="load / mean")
+        axes[-1, 0].set_xlabel("optimizer step")
+        axes[0, 0].set_title("Expert load per layer (1 = balanced)")
+        written.append(_save(fig, run_dir / "expert_load.png"))
+
+        fig, axes = plt.subplots(biases.shape[1], 1, figsize=(9, 2.2 * biases.shape[1]), squeeze=False)
+        for i, ax in enumerate(axes[:, 0]):
+            ax.plot([r["step"] for r in steps], biases[:, i], lw=0.7)
+            ax.set(ylabel=f"router {i}\nbias b_i")
+        axes[-1, 0].set_xlabel("optimizer step")
+        axes[0, 0].set_title("Router biases (aux-loss-free balancing); the last rows are the MTP blocks'")
+        written.append(_save(fig, run_dir / "router_bias.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

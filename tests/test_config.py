@@ -1,0 +1,100 @@
+"""Config loading, overrides and validation (minidsv3/config.py)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from minidsv3 import config
+from minidsv3.config import ConfigError, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_toml_has_exactly_the_architecture_the_issue_fixes():
+    m = config.load(ROOT / "configs/tiny.toml").model
+    expected = dict(
+        vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, num_nextn_predict_layers=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    assert {k: getattr(m, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "deepseek_v3", "deepseek_v2"])
+def test_every_shipped_config_loads_and_validates(name):
+    assert isinstance(config.load(ROOT / f"configs/{name}.toml"), config.Config)
+
+
+def test_overrides_set_nested_fields_with_toml_typed_values(tmp_path):
+    cfg = config.load(
+        None,
+        ["--train.pretrain_steps=7", "--model.fp8=true", "--data.path=some/dir", "--model.rope_scaling.factor=4"],
+    )
+    assert cfg.train.pretrain_steps == 7 and cfg.model.fp8 is True and cfg.data.path == "some/dir"
+    assert cfg.model.rope_scaling == config.RopeScaling(factor=4.0)
+
+
+def test_an_int_is_accepted_where_a_float_is_expected_but_not_the_reverse():
+    assert config.load(None, ["--train.learning_rate=1"]).train.learning_rate == 1.0
+    with pytest.raises(ConfigError, match="train.pretrain_steps: expected an integer"):
+        config.load(None, ["--train.pretrain_steps=1.5"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--model.hidden_size=0", "model.hidden_size"),
+        ("--model.num_attention_heads=-1", "model.num_attention_heads"),
+        ("--model.topk_group=5", "model.topk_group"),  # n_group = 4
+        ("--model.n_routed_experts=18", "model.n_routed_experts"),  # not divisible by 4 groups
+        ("--model.num_experts_per_tok=9", "model.num_experts_per_tok"),  # 2 groups x 4 experts = 8 reachable
+        ("--model.qk_rope_head_dim=15", "model.qk_rope_head_dim"),
+        ("--model.first_k_dense_replace=5", "model.first_k_dense_replace"),  # 4 layers
+        ("--model.hidden_sise=5", "model.hidden_sise"),  # unknown key
+        ("--model.hidden_size=abc", "model.hidden_size"),  # wrong type
+        ("--model.fp8=1", "model.fp8"),  # wrong type: booleans are true/false
+        ("--model.dtype=float16", "model.dtype"),
+        ("--train.batch_size=0", "train.batch_size"),
+        ("--train.adam_b2=1.0", "train.adam_b2"),
+        ("--data.val_fraction=1.5", "data.val_fraction"),
+        ("--nosection.x=1", "nosection"),
+    ],
+)
+def test_invalid_values_are_rejected_with_a_message_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_malformed_toml_and_missing_files_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nhidden_size = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_override_syntax_errors_say_how_to_write_one():
+    with pytest.raises(ConfigError, match="--section.field=value"):
+        config.load(None, ["train.pretrain_steps=3"])
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = config.load(None, ["--model.rope_scaling.factor=2"])
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    assert config.from_dict({"model": config.to_dict(cfg.model)}).model == cfg.model
+
+
+def test_architecture_field_names_are_those_of_hugging_face_deepseek_v3_config():
+    hf_names = {
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "kv_lora_rank",
+        "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
+        "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "rope_theta", "rope_scaling",
+        "rms_norm_eps", "num_nextn_predict_layers", "max_position_embeddings", "tie_word_embeddings",
+        "initializer_range",
+    }  # fmt: skip
+    assert hf_names <= {f.name for f in dataclasses.fields(ModelConfig)}

@@ -1,0 +1,294 @@
+"""Train a small DeepSeek-V3 through the three stages of the report's Table 1, on a 2-core CPU or one accelerator.
+
+    python train.py                                   # configs/tiny.toml on the Python standard library's source
+    python train.py configs/small.toml --train.pretrain_steps=2000 --data.path=my_corpus/
+
+config -> data -> model and optimizer -> resume if the run folder has a checkpoint -> for each stage (pre-training,
+context extension, post-training): nnx.jit train steps, evaluation, checkpoints -> plots, samples and the cost table.
+Ctrl-C (or SIGTERM) saves a checkpoint and exits; running the same command again continues the run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from minidsv3 import accounting, checkpoint, config, data, generate, moe, plots, schedules
+from minidsv3.model import Transformer, cross_entropy, routers, training_loss, update_router_biases, with_config
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The jitted steps. γ and λ are arguments (their schedules live in minidsv3/schedules.py).
+
+
+@nnx.jit
+def train_step(model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict, mtp_lambda, gamma) -> dict:
+    """One optimizer step over A micro-batches (arrays (A, B, T)): mean gradient, AdamW, then the bias update."""
+    grad_fn = nnx.value_and_grad(training_loss, has_aux=True)
+    n_micro = micro_batches["inputs"].shape[0]
+    grads, metrics = None, []
+    for i in range(n_micro):  # gradient accumulation, unrolled (A is small and static)
+        (_, m), g = grad_fn(model, jax.tree.map(lambda x: x[i], micro_batches), mtp_lambda)
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        metrics.append(m)
+    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)  # (A, ...)
+    optimizer.update(model, grads)
+    # Aux-loss-free balancing (report §2.1.2): the loads of the whole step, all micro-batches, padding excluded.
+    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + D, E)
+    update_router_biases(model, loads, gamma)
+    return {
+        "loss": metrics["loss"].mean(),
+        "mtp_loss": metrics["mtp_loss"].mean(),
+        "balance_loss": metrics["balance_loss"].mean(),
+        "grad_norm": optax.global_norm(grads),
+        "expert_load": metrics["expert_load"].sum(0),  # (L_moe, E)
+    }
+
+
+@nnx.jit
+def eval_step(model: Transformer, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed NLL and count of scored tokens, and the expert loads (L_moe, E), on one validation batch."""
+    logits, aux = model(batch["inputs"], token_mask=batch["token_mask"])
+    count = batch["loss_mask"].sum()
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * count, count, aux["expert_load"]
+
+
+def evaluate(model: Transformer, batches: list[dict]) -> dict:
+    """Validation loss (nats/token), perplexity, and MaxVio_global per MoE layer over all validation batches."""
+    nll, count, load = 0.0, 0.0, 0.0
+    for batch in batches:
+        n, c, l = eval_step(model, batch)
+        nll, count, load = nll + float(n), count + float(c), load + np.asarray(l)
+    maxvio = np.asarray(moe.max_violation(jnp.asarray(load)))  # (L_moe,), [LF] Eq. 4 over the whole set
+    loss = nll / max(count, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "maxvio_global": maxvio.tolist()}
+
+
+def decay_mask(params: nnx.State) -> nnx.State:
+    """Weight decay on matrices only: RMSNorm gains (1-D) are scales of normalized activations, and decaying them
+    toward 0 would only shrink the signal. The router bias is not a parameter, so AdamW never sees it."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and run folder
+
+args = sys.argv[1:]
+config_path = args.pop(0) if args and not args[0].startswith("--") else "configs/tiny.toml"
+try:
+    cfg = config.load(config_path, args)
+except config.ConfigError as e:
+    fail(str(e))
+t = cfg.train
+run_dir = Path(t.out_dir).absolute()
+try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".write-test").touch()
+    (run_dir / ".write-test").unlink()
+except OSError as e:
+    fail(f"{run_dir}: run folder is not writable ({e.strerror}); choose another --train.out_dir")
+config_file = run_dir / "config.json"
+resolved = config.to_dict(cfg)
+if config_file.exists() and json.loads(config_file.read_text()) != json.loads(json.dumps(resolved)):
+    fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
+config_file.write_text(json.dumps(resolved, indent=2))
+print(f"run folder {run_dir}")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: corpus -> split by files -> BPE tokenizer -> cached token arrays; SFT pairs from the same corpus
+
+try:
+    docs = data.load_documents(cfg.data.path)
+    train_docs, val_docs = data.split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)
+    (run_dir / "manifest.json").write_text(json.dumps(data.manifest(docs), indent=2))
+    cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else run_dir / "cache"
+    t0 = time.time()
+    tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir)
+    train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train")
+    val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val")
+    if cfg.data.sft_path:
+        pairs = data.load_sft_jsonl(cfg.data.sft_path)
+    else:
+        pairs = data.extract_sft_pairs(docs)
+    sft_train, sft_val = data.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
+except data.DataError as e:
+    fail(str(e))
+entropy = data.unigram_entropy(train_tokens, cfg.model.vocab_size)
+print(
+    f"corpus: {len(docs)} files ({len(train_docs)} train / {len(val_docs)} val), {len(train_tokens):,} train tokens,"
+    f" {len(val_tokens):,} val tokens, {len(sft_train)} SFT pairs; unigram entropy {entropy:.3f} nats/token"
+    f" (tokenizer and tokens ready in {time.time() - t0:.1f}s)"
+)
+
+# The three stages of Table 1. Context extension stretches the sequence by s and switches YaRN on (report §4.3),
+# with batch/s sequences so that a step holds the same tokens (15360 x 4K = 1920 x 32K in the report).
+s = t.context_yarn_factor
+long_seq = int(round(cfg.data.seq_len * s))
+yarn_model = dataclasses.replace(
+    cfg.model,
+    rope_scaling=config.RopeScaling(factor=s, original_max_position_embeddings=cfg.data.seq_len),
+    max_position_embeddings=max(cfg.model.max_position_embeddings, long_seq),
+)
+extended = t.context_steps > 0 and s > 1
+Stage = dict  # name, steps, seq_len, model config, batches, validation batches
+try:
+    stages = [
+        Stage(name="pretrain", steps=t.pretrain_steps, seq_len=cfg.data.seq_len, model=cfg.model,
+              batches=data.PackedBatches(train_tokens, cfg.data.seq_len, t.batch_size, t.seed),
+              val=data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, t.eval_batches)),
+        Stage(name="context", steps=t.context_steps, seq_len=long_seq, model=yarn_model,
+              batches=data.PackedBatches(train_tokens, long_seq, max(1, int(t.batch_size / s)), t.seed + 1),
+              val=data.eval_batches(val_tokens, long_seq, max(1, int(t.batch_size / s)), t.eval_batches)),
+        Stage(name="sft", steps=t.sft_steps, seq_len=long_seq if extended else cfg.data.seq_len,
+              model=yarn_model if extended else cfg.model,
+              batches=data.SFTBatches(sft_train, tokenizer, long_seq if extended else cfg.data.seq_len,
+                                      t.batch_size, t.seed + 2),
+              val=data.sft_eval_batches(sft_val, tokenizer, long_seq if extended else cfg.data.seq_len,
+                                        t.batch_size, t.eval_batches)),
+    ]  # fmt: skip
+except data.DataError as e:
+    fail(str(e))
+total_steps = sum(st["steps"] for st in stages)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and optimizer (AdamW, report §4.2), then resume
+
+model = Transformer(cfg.model, rngs=nnx.Rngs(t.seed))
+tx = optax.chain(
+    optax.clip_by_global_norm(t.grad_clip),
+    optax.adamw(
+        lambda step: schedules.learning_rate(step, t),
+        b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay, mask=decay_mask,
+    ),
+)  # fmt: skip
+optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+ledger = accounting.Ledger(*accounting.device_peak(), price_per_hour=t.price_per_hour)
+step = 0
+if (last := checkpoint.latest_step(run_dir)) is not None:
+    try:
+        meta = checkpoint.restore(run_dir, model, optimizer)
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
+    step = meta["step"]
+    for st in stages:
+        st["batches"].load_state_dict(meta["loaders"][st["name"]])
+    ledger = accounting.Ledger.from_dict(meta["ledger"])
+    print(f"resumed from checkpoint at step {step} of {total_steps}")
+# metrics.jsonl holds exactly the steps up to the checkpoint: later lines (from a run that died) are dropped.
+metrics_file = run_dir / "metrics.jsonl"
+if metrics_file.exists():
+    kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] < step]
+    metrics_file.write_text("".join(ln + "\n" for ln in kept))
+metrics_out = metrics_file.open("a")
+
+
+def log(record: dict) -> None:
+    metrics_out.write(json.dumps(record) + "\n")
+    metrics_out.flush()
+
+
+def save_checkpoint() -> None:
+    meta = {
+        "step": step,
+        "loaders": {st["name"]: st["batches"].state_dict() for st in stages},
+        "ledger": ledger.to_dict(),
+        "config": resolved,
+        "model_config": config.to_dict(model.cfg),  # the current stage's (YaRN on after pre-training)
+        "tokenizer": tokenizer.to_str(),
+    }
+    checkpoint.save(run_dir, step, model, optimizer, meta, t.keep_checkpoints)
+
+
+stop_signal = []
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages
+
+stage_start = 0
+for st in stages:
+    stage_end = stage_start + st["steps"]
+    if step >= stage_end:  # finished before a resume
+        stage_start = stage_end
+        continue
+    model = with_config(model, st["model"])  # YaRN on for context extension and after; same parameters
+    flops_per_token = accounting.flops_per_token(st["model"], st["seq_len"]).total
+    bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
+    stage_tokens, stage_seconds, stage_steps = 0, 0.0, 0
+    while step < stage_end and not stop_signal:
+        gamma, lam = schedules.bias_update_speed(step, t), schedules.mtp_lambda(step, t)
+        micro = [st["batches"].next_batch() for _ in range(t.grad_accum_steps)]
+        micro = {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (A, B, T)
+        tic = time.perf_counter()
+        out = train_step(model, optimizer, micro, lam, gamma)
+        loss = float(out["loss"])  # waits for the step
+        seconds = time.perf_counter() - tic
+        tokens = int(micro["inputs"].size)
+        if stage_steps > 0:  # the first step of a stage includes compilation; keep it out of the throughput
+            stage_tokens, stage_seconds = stage_tokens + tokens, stage_seconds + seconds
+        ledger.record(st["name"], steps=1, tokens=tokens, seconds=seconds, seq_len=st["seq_len"],
+                      flops=tokens * flops_per_token)  # fmt: skip
+        stage_steps += 1
+        step += 1
+        load = np.asarray(out["expert_load"])  # (L_moe, E)
+        maxvio_batch = float(np.mean(moe.max_violation(jnp.asarray(load)))) if load.size else 0.0
+        biases = [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)]
+        lr = float(schedules.learning_rate(step - 1, t))
+        log({"step": step, "stage": st["name"], "loss": loss, "mtp_loss": float(out["mtp_loss"]),
+             "balance_loss": float(out["balance_loss"]), "grad_norm": float(out["grad_norm"]), "lr": lr,
+             "gamma": gamma, "mtp_lambda": lam, "tokens": tokens, "seconds": seconds, "maxvio_batch": maxvio_batch,
+             "expert_load": load.tolist(), "router_bias": biases})  # fmt: skip
+        tok_s = stage_tokens / stage_seconds if stage_seconds else 0.0
+        bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e} {tok_s:,.0f} tok/s MaxVio {maxvio_batch:.2f}")
+        bar.update(1)
+        if step % t.eval_every == 0 or step == stage_end:
+            ev = evaluate(model, st["val"])
+            log({"step": step, "stage": st["name"], "eval": True, **ev})
+            bar.write(
+                f"[{st['name']} step {step}] val loss {ev['val_loss']:.3f} ppl {ev['val_ppl']:.1f}"
+                f" MaxVio_global {np.mean(ev['maxvio_global']) if ev['maxvio_global'] else 0:.3f}"
+            )
+        if step % t.ckpt_every == 0 or step == stage_end:
+            save_checkpoint()
+    bar.close()
+    if stop_signal:
+        save_checkpoint()
+        print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
+        sys.exit(128 + stop_signal[0])
+    sample = generate.sample_text(model, tokenizer, "def ", max_new_tokens=t.sample_tokens, temperature=0.0)
+    print(f"--- sample after {st['name']} ---\n{sample}\n---")
+    stage_start = stage_end
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final report
+
+metrics_out.close()
+final = evaluate(model, stages[0]["val"]) if stages[0]["steps"] else None
+if final:
+    print(f"final validation loss on pre-training text {final['val_loss']:.3f} nats/token"
+          f" vs unigram entropy {entropy:.3f} nats/token; MaxVio_global {np.mean(final['maxvio_global']):.3f}")  # fmt: skip
+plots.plot_run(run_dir)
+ledger.save(run_dir / "ledger.json")
+table = ledger.format_table1()
+(run_dir / "costs.md").write_text(table + "\n")
+print(table)
+print(f"plots, metrics.jsonl, ledger.json and costs.md are in {run_dir}")
