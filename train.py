@@ -231,6 +231,8 @@ for st in stages:
         stage_start = stage_end
         continue
     model = with_config(model, st["model"])  # YaRN on for context extension and after; same parameters
+    # cached_partial walks the model's module graph once, not on every call (~0.3 s a step for the tiny model).
+    step_fn = nnx.cached_partial(train_step, model, optimizer)
     flops_per_token = accounting.flops_per_token(st["model"], st["seq_len"]).total
     bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
     stage_tokens, stage_seconds, stage_steps = 0, 0.0, 0
@@ -239,7 +241,7 @@ for st in stages:
         micro = [st["batches"].next_batch() for _ in range(t.grad_accum_steps)]
         micro = {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (A, B, T)
         tic = time.perf_counter()
-        out = train_step(model, optimizer, micro, lam, gamma)
+        out = step_fn(micro, lam, gamma)
         loss = float(out["loss"])  # waits for the step
         seconds = time.perf_counter() - tic
         tokens = int(micro["inputs"].size)

@@ -26,23 +26,23 @@ to an FP32 accumulator ("promotion").
 
 What is simulated, and what is not
 ----------------------------------
-All arithmetic is float32 on whatever backend; nothing runs faster (on CPU it is slower than float32). What this
-module reproduces is the *numerics*:
+All arithmetic is float32 on whatever backend; nothing runs faster (on a 2-core CPU a (2048, 256) x (256, 512)
+Linear takes ~8x as long as in float32, forward and backward). What this module reproduces is the *numerics*:
   * quantization is real: values go through `jnp.float8_e4m3fn` and back, so each operand carries exactly the
     rounding, clipping and underflow that an FP8 tensor would;
   * limited accumulation is emulated: K is cut into chunks of one MMA's depth (MMA_K = 32), each chunk's dot product
     is computed in float32, added into a running accumulator that is truncated to `fp8_accum_mantissa_bits` fraction
     bits after every chunk, and that accumulator is flushed into a float32 sum every `fp8_promotion_interval`
-    elements of K. Truncation, not rounding to nearest: [R] §3.5.2 says the tensor core keeps "the highest 14 bits"
-    of the aligned products and "truncates bits exceeding this range"; [ISCA] calls the register FP22. We drop the
-    low bits of the magnitude (toward zero); the sign-fill shift the report mentions would round negative sums toward
-    -inf instead. Either way the error is biased, so it grows like K, not √K, without promotion.
+    elements of K. Truncation, not rounding to nearest: [R] §3.5.2 says the tensor core aligns the products and
+    keeps only their "highest 14 bits" (spec §4), the rest cut off; [ISCA] calls the register FP22. We drop the low
+    bits of the magnitude (toward zero); a two's-complement (sign-fill) shift would send negative sums toward -inf
+    instead. Either way the error is biased, so without promotion it grows like K, not √K.
 
 How it differs from the production kernels (DeepGEMM; [G] inference/kernel.py `fp8_gemm_kernel`)
 ----------------------------------------------------------------------------------------------
   * Hardware truncates every product of an MMA after aligning it to the largest exponent; we truncate once per MMA,
-    after an exact chunk dot. Ours is the milder error: K = 4096 uniform random inputs lose ~0.3% here against the
-    report's ~2% (bench/fp8_accumulation.py; a smaller `mma_k` approaches per-product truncation).
+    after an exact chunk dot. Ours is the milder error: K = 4096 uniform random inputs lose 0.3% here against the
+    report's ~2% (bench/fp8_accumulation.py; `mma_k=4` gives 2.3%, per-product truncation 8%).
   * Our accumulator holds dequantized values q·s rather than raw q products with the scales applied at promotion.
     The two are equal in exact arithmetic, and their truncation errors are of the same relative size; ours also
     covers the tiny models' B = 32 or 64 under N_C = 128, where scales change inside a promotion interval.
@@ -128,8 +128,8 @@ def _accumulate(chunk_dot, chunks, promote: jax.Array, target: jax.Array, out: j
     """Run a GEMM's MMA chunks in K order the tensor-core way and return `out` with the promoted sums added.
 
     For chunk j: acc <- truncate(acc + chunk_dot(*chunks[j])); where promote[j], out[target[j]] += acc in float32 and
-    acc <- 0. The chunk's dot is computed inside the loop: materializing all K/MMA_K partial products at once costs
-    ~4x more on CPU than the loop (memory traffic), for the same result.
+    acc <- 0. Each chunk's dot is computed inside the loop: materializing all K/MMA_K partial products up front made
+    a (2048, 256) x (256, 512) GEMM 3.5x slower on CPU (memory traffic), for the same result.
     """
 
     def step(carry, inputs):
@@ -157,8 +157,9 @@ def limited_precision_dot(
 ) -> jax.Array:
     """a (M, K) @ b (K, N) -> (M, N) float32 with an FP22-like accumulator promoted every `promotion_interval`
     elements of K (None: never, as a plain FP8 GEMM on Hopper). Inputs are used as given; no quantization here."""
-    a_chunks = rearrange(jnp.pad(a.astype(jnp.float32), ((0, 0), (0, -a.shape[1] % mma_k))), "m (j k) -> j m k", k=mma_k)
-    b_chunks = rearrange(jnp.pad(b.astype(jnp.float32), ((0, -b.shape[0] % mma_k), (0, 0))), "(j k) n -> j k n", k=mma_k)
+    pad = -a.shape[1] % mma_k  # zero products leave every partial sum unchanged
+    a_chunks = rearrange(jnp.pad(a.astype(jnp.float32), ((0, 0), (0, pad))), "m (j k) -> j m k", k=mma_k)  # (J,M,mma_k)
+    b_chunks = rearrange(jnp.pad(b.astype(jnp.float32), ((0, pad), (0, 0))), "(j k) n -> j k n", k=mma_k)  # (J,mma_k,N)
     chunk = jnp.arange(a_chunks.shape[0])  # (J,), J = ceil(K / mma_k) MMA instructions
     promote = _promotion_flags(chunk, chunk == chunk.shape[0] - 1, promotion_interval, mma_k)  # (J,)
     out = jnp.zeros((1, a.shape[0], b.shape[1]), jnp.float32)  # (1, M, N)
@@ -200,6 +201,8 @@ def _fp8_linear_bwd(cfg, residuals, dy):  # dy (N, M)
     dy_rows = quantize_dequantize(dy, (1, b), pow2)  # (N, M): 1×b tiles along M, Dgrad's contraction
     dx = _gemm(dy_rows, rearrange(w_hat, "k m -> m k"), cfg)  # (N, K) Dgrad
     x_cols = quantize_dequantize(dequantize(qx, sx, (1, b)), (b, 1), pow2)  # (N, K): FP8 1×b re-tiled to b×1
+    # NOTE: dy is quantized twice from float32 (1×b and b×1); the report's "similar process is also required for the
+    # activation gradient" (App. B.2) may mean dy is re-tiled from its FP8 1×b copy like x, one rounding more
     dy_cols = quantize_dequantize(dy, (b, 1), pow2)  # (N, M): b tokens of one channel
     dw = _gemm(rearrange(x_cols, "n k -> k n"), dy_cols, cfg)  # (K, M) Wgrad, contracting over tokens
     return dx, dw  # float32, like the master weights
@@ -214,9 +217,10 @@ _fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 
 def _grouped_gemm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
     """x (M, K), w (E, K, N) -> (M, N): `ragged_dot` per MMA chunk of K, accumulated as in `limited_precision_dot`."""
-    k, mma_k = x.shape[1], MMA_K
-    x_chunks = rearrange(jnp.pad(x, ((0, 0), (0, -k % mma_k))), "m (j k) -> j m k", k=mma_k)  # (J, M, mma_k)
-    w_chunks = rearrange(jnp.pad(w, ((0, 0), (0, -k % mma_k), (0, 0))), "e (j k) n -> j e k n", k=mma_k)  # (J, E, ., N)
+    mma_k = MMA_K
+    pad = -x.shape[1] % mma_k
+    x_chunks = rearrange(jnp.pad(x, ((0, 0), (0, pad))), "m (j k) -> j m k", k=mma_k)  # (J, M, mma_k)
+    w_chunks = rearrange(jnp.pad(w, ((0, 0), (0, pad), (0, 0))), "e (j k) n -> j e k n", k=mma_k)  # (J, E, mma_k, N)
     chunk = jnp.arange(x_chunks.shape[0])  # (J,)
     promote = _promotion_flags(chunk, chunk == chunk.shape[0] - 1, cfg.fp8_promotion_interval, mma_k)  # (J,)
     out = jnp.zeros((1, x.shape[0], w.shape[2]), jnp.float32)  # (1, M, N)
@@ -277,7 +281,13 @@ def _grouped_wgrad(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, cfg: Mod
 
 def fp8_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, cfg: ModelConfig) -> jax.Array:
     """x (M, K) rows sorted by expert, w (E, K, N), group_sizes (E,) -> (M, N) float32: `jax.lax.ragged_dot` through
-    the FP8 recipe. Rows past sum(group_sizes) give zeros, as in ragged_dot."""
+    the FP8 recipe. Rows past sum(group_sizes) give zeros, as in ragged_dot.
+
+    Fprop and Dgrad tile per token (1×b), so experts never share a scale. Wgrad contracts over each expert's tokens:
+    its b×1 token tiles and its MMA chunks and promotion intervals start at the expert's first row, as grouped
+    kernels pad every expert's segment to the tile size (DeepGEMM's contiguous layout), rather than running over the
+    sorted rows where a tile would straddle two experts and an outlier token of one would coarsen the other's scale.
+    """
     return _fp8_grouped(x.astype(jnp.float32), w.astype(jnp.float32), group_sizes.astype(jnp.int32), cfg)
 
 

@@ -44,6 +44,15 @@ class Linear(nnx.Module):
         return matmul(x, self.kernel[...], self.cfg.dtype)
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position: logits (B, T, V), targets (B, T) -> (B, T).
+
+    Written as logsumexp minus the target logit picked by a one-hot product: its gradient is elementwise, where
+    `take_along_axis` would backpropagate through a scatter that XLA's CPU backend runs slowly."""
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit  # (B, T)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm(x) = x / sqrt(mean(x²) + eps) · weight, computed in float32 (the report keeps norms in high precision)."""
 

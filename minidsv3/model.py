@@ -14,7 +14,7 @@ from flax import nnx
 from minidsv3 import moe
 from minidsv3.block import Block
 from minidsv3.config import ModelConfig
-from minidsv3.layers import Linear, RMSNorm, matmul, normal_init
+from minidsv3.layers import Linear, RMSNorm, matmul, normal_init, token_nll
 from minidsv3.mla import LatentCache, init_cache
 from minidsv3.mtp import MTPModule, mtp_forward, mtp_loss
 
@@ -101,8 +101,8 @@ class Transformer(nnx.Module):
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean next-token NLL in nats over the positions where mask is 1. logits (B, T, V), targets and mask (B, T)."""
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]  # (B, T)
-    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return (token_nll(logits, targets) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
 
 
 def training_loss(model: Transformer, batch: dict, mtp_lambda: jax.Array) -> tuple[jax.Array, dict]:

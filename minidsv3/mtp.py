@@ -32,7 +32,7 @@ from flax import nnx
 
 from minidsv3.block import Block
 from minidsv3.config import ModelConfig
-from minidsv3.layers import Linear, RMSNorm
+from minidsv3.layers import Linear, RMSNorm, token_nll
 
 
 def shift_left(x: jax.Array, k: int) -> jax.Array:
@@ -90,6 +90,6 @@ def mtp_loss(all_logits: list[jax.Array], targets: jax.Array, loss_mask: jax.Arr
     total = jnp.zeros((), jnp.float32)
     denom = jnp.maximum(loss_mask.sum(), 1.0)  # scored tokens of the whole sequence: the 1/T of Eq. 24
     for k, logits in enumerate(all_logits, start=1):
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), shift_left(targets, k)[..., None], axis=-1)[..., 0]
+        nll = token_nll(logits, shift_left(targets, k))  # (B, T)
         total += (nll * shift_left(loss_mask, k)).sum() / denom  # Eq. 24, zero where t_{i+k+1} is off the end
     return total / max(len(all_logits), 1)  # Eq. 25 without λ

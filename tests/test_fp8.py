@@ -4,15 +4,17 @@ and the FP8 Linear / grouped GEMM against float32 and against an independent num
 Bounds used below, derived once:
   * E4M3 keeps 3 fraction bits, so rounding to nearest moves a normal value (|x/s| >= 2^-6) by at most half an ulp,
     a relative 2^-4.
-  * One E4M3 rounding has a relative RMS error of 2^-4·sqrt(0.541/12)·2 ≈ 0.0265 (absolute error uniform in ±ulp/2,
-    value log-uniform within its binade: E[ulp²/12x²] = 2^-6/12·0.541); two independent operands give ≈ 0.037 on a
-    product, and the output of a GEMM on random inputs has the same relative RMS error (the errors average like the
-    signal). Wgrad's input is rounded twice (1×B tiles, then B×1), three roundings: at most ≈ 0.046.
+  * One E4M3 rounding has a relative RMS error of 2^-3·sqrt(0.541/12) ≈ 0.0265: for x = 2^e·m, m in [1, 2), the
+    ulp is 2^(e-3) and the error uniform in ±ulp/2, so E[(err/x)²] = 2^-6/12·E[1/m²], and E[1/m²] = 0.541 for m
+    log-uniform. Two independent operands give √2·0.0265 ≈ 0.037 on a product, and a GEMM's output on random
+    inputs has the same relative RMS error (errors and signal add up alike). Wgrad's input is rounded twice (1×B
+    tiles, then B×1): three roundings, at most √3·0.0265 ≈ 0.046.
   * A truncating accumulator loses less than 2^-m·|acc| per add (m fraction bits), and |acc| never exceeds the sum of
     |products| seen so far; with C adds per promotion interval the error is < C·2^-m·(|a| @ |b|) elementwise.
 """
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,10 @@ def test_no_nan_or_inf_for_inputs_up_to_1e6_and_all_zero_tiles():
         assert np.isfinite(x_hat).all() and np.isfinite(np.asarray(scales)).all()
         np.testing.assert_allclose(x_hat[1, :B], 1e6, rtol=U)
         np.testing.assert_array_equal(x_hat[3], 0.0)  # an all-zero row of tiles stays zero
+    # with online scales x/s never exceeds 448 by more than float32 rounding, so the clip before the cast is a guard;
+    # without it 500 would cast to NaN (e4m3fn has no inf)
+    clipped = fp8._to_e4m3(jnp.asarray([500.0, -1e9, 448.0])).astype(jnp.float32)
+    np.testing.assert_array_equal(clipped, [448.0, -448.0, 448.0])
 
 
 def test_pow2_scales_are_powers_of_two_and_at_least_the_plain_scale():
@@ -180,11 +186,22 @@ def linear_case(seed, tokens=96, k=80, m=72):
     return x, w, g
 
 
+@partial(jax.jit, static_argnums=3)
+def linear_forward_backward(x, w, g, cfg):
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, cfg), x, w)
+    return y, *vjp(g)
+
+
+def run_linear(x, w, g, cfg):
+    """y = fp8_matmul(x, w) and its VJP with cotangent g, as float64 (jitted: eager dispatch is ~5x slower)."""
+    outputs = linear_forward_backward(*(jnp.asarray(t, jnp.float32) for t in (x, w, g)), cfg)
+    return [np.asarray(t, np.float64) for t in outputs]
+
+
 def test_fp8_matmul_and_its_gradients_match_the_numpy_recipe_within_the_accumulation_bound(fp8_cfg):
     # Fprop X 1×B · W B×B; Dgrad dY 1×B · Wᵀ B×B; Wgrad (X 1×B re-tiled B×1)ᵀ · dY B×1 (spec §4 [derived] tiling)
     x, w, g = linear_case(10)
-    y, vjp = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, fp8_cfg), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    dx, dw = vjp(jnp.asarray(g, jnp.float32))
+    y, dx, dw = run_linear(x, w, g, fp8_cfg)
     xq, wq = np_quantize_dequantize(x, (1, B)), np_quantize_dequantize(w, (B, B))
     gq_rows, gq_cols = np_quantize_dequantize(g, (1, B)), np_quantize_dequantize(g, (B, 1))
     x_cols = np_quantize_dequantize(xq, (B, 1))
@@ -198,8 +215,7 @@ def test_fp8_matmul_and_its_gradients_are_within_e4m3_rounding_of_float32(fp8_cf
     # relative RMS ≈ 0.037 for two roundings, ≈ 0.046 at most for Wgrad's three (module docstring); the lower
     # bound shows the operands really were quantized
     x, w, g = linear_case(20)
-    y, vjp = jax.vjp(lambda x, w: fp8.fp8_matmul(x, w, fp8_cfg), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    dx, dw = vjp(jnp.asarray(g, jnp.float32))
+    y, dx, dw = run_linear(x, w, g, fp8_cfg)
     assert 0.025 < relative_rms(y, x @ w) < 0.05
     assert 0.025 < relative_rms(dx, g @ w.T) < 0.05
     assert 0.025 < relative_rms(dw, x.T @ g) < 0.06
@@ -209,13 +225,12 @@ def test_fp8_matmul_keeps_leading_axes_jits_and_returns_gradients_in_the_inputs_
     x = jnp.asarray(random(30, 2, 5, 40), jnp.bfloat16)  # (B, T, K)
     w = jnp.asarray(random(31, 40, 24), jnp.float32)  # (K, M): float32 master weights
 
-    @jax.jit
     def loss(x, w):
         return jnp.sum(fp8.fp8_matmul(x, w, fp8_cfg) ** 2)
 
-    assert fp8.fp8_matmul(x, w, fp8_cfg).shape == (2, 5, 24)
-    assert fp8.fp8_matmul(x, w, fp8_cfg).dtype == jnp.float32
-    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    y = jax.jit(fp8.fp8_matmul, static_argnums=2)(x, w, fp8_cfg)
+    assert y.shape == (2, 5, 24) and y.dtype == jnp.float32
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
     assert np.isfinite(np.asarray(dw)).all() and np.abs(np.asarray(dw)).max() > 0
 
@@ -232,11 +247,16 @@ def ragged_case(seed, rows=128, k=72, n=48):
     return x, w, g
 
 
+@partial(jax.jit, static_argnums=4)
+def ragged_forward_backward(x, w, g, group_sizes, cfg):
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, group_sizes, cfg), x, w)
+    return y, *vjp(g)
+
+
 def run_ragged(x, w, g, cfg):
-    sizes = jnp.asarray(GROUP_SIZES, jnp.int32)
-    y, vjp = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, sizes, cfg), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    dx, dw = vjp(jnp.asarray(g, jnp.float32))
-    return np.asarray(y, np.float64), np.asarray(dx, np.float64), np.asarray(dw, np.float64)
+    """y = fp8_ragged_dot(x, w, GROUP_SIZES) and its VJP with cotangent g, as float64."""
+    inputs = [jnp.asarray(t, jnp.float32) for t in (x, w, g)]
+    return [np.asarray(t, np.float64) for t in ragged_forward_backward(*inputs, jnp.asarray(GROUP_SIZES), cfg)]
 
 
 def segments():
@@ -281,3 +301,23 @@ def test_an_outlier_token_of_one_expert_leaves_the_other_experts_weight_gradient
     _, _, dw_spiked = run_ragged(spiked, w, g, fp8_cfg)
     np.testing.assert_array_equal(dw_spiked[2:], dw[2:])
     assert not np.allclose(dw_spiked[0], dw[0])
+
+
+@pytest.mark.parametrize("interval, expected", [(1024, 8192.0), (32, 8192.5)])
+def test_grouped_gemms_promote_per_interval_like_the_dense_one(fp8_cfg, interval, expected):
+    # The worked example of test_promotion_keeps_a_small_late_chunk_..., inside expert 1 (rows 8-71): 32 products of
+    # 256 then 32 of 1/64 give 8192 + 0.5, which one 13-bit accumulator truncates to 8192 (interval 1024 >= K: no
+    # promotion). Power-of-two scales make every value exact in E4M3 (ones: s = 2^-8, q = 256; 256: s = 1;
+    # 1/64: s = 2^-14, q = 256), so only the accumulator rounds. Fprop contracts K, Wgrad the expert's 64 tokens.
+    cfg = dataclasses.replace(fp8_cfg, fp8_pow2_scales=True, fp8_promotion_interval=interval)
+    column = np.concatenate([np.full(32, 256.0), np.full(32, 1 / 64)])  # (64,)
+    x = np.zeros((72, 64))
+    x[8:] = 1.0  # expert 1's tokens
+    w = np.zeros((2, 64, 16))
+    w[1, :, 0] = column
+    g = np.zeros((72, 16))
+    g[8:, 0] = column  # dy of expert 1's tokens, in token order
+    sizes = jnp.asarray([8, 64])
+    y, _, dw = ragged_forward_backward(*(jnp.asarray(t, jnp.float32) for t in (x, w, g)), sizes, cfg)
+    np.testing.assert_array_equal(y[8:, 0], expected)  # Fprop: Σ_k 1·w[1][k, 0]
+    np.testing.assert_array_equal(dw[1, :, 0], expected)  # Wgrad: Σ_tokens x[t, k]·dy[t, 0], for every k

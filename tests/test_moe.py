@@ -37,7 +37,7 @@ def router_with_scores(cfg, scores, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dispatch: vectorized (sort + ragged matmuls) vs the per-expert loop
+# Dispatch: vectorized (sort + block matmuls) vs the per-expert loop
 
 
 @pytest.mark.parametrize("n_shared", [1, 0])
@@ -76,7 +76,7 @@ def test_fp8_dispatch_equals_the_per_expert_fp8_loop_and_stays_near_float32(cfg)
     layer = make_moe(cfg)
     tokens = random_tokens(cfg, b=3, t=7).reshape(-1, cfg.hidden_size)  # (N, D)
     topk_idx, gates, _ = layer.gate(tokens)
-    grouped = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_ragged_dot
+    grouped = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per block
     looped = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per expert
     # same per-token activation tiles and per-expert weight blocks, so the same quantized operands
     np.testing.assert_allclose(grouped, looped, rtol=1e-4, atol=1e-4)
@@ -88,16 +88,32 @@ def test_fp8_dispatch_equals_the_per_expert_fp8_loop_and_stays_near_float32(cfg)
     assert 0.01 < rel < 0.15, rel
 
 
-def test_dispatch_runs_grouped_matmuls_not_every_expert_on_every_token(cfg):
+def test_dispatch_runs_block_matmuls_over_the_assignments_not_every_expert_on_every_token(cfg):
     layer = make_moe(cfg)
-    tokens = random_tokens(cfg).reshape(-1, cfg.hidden_size)  # (N, D)
+    tokens = random_tokens(cfg, b=4, t=16).reshape(-1, cfg.hidden_size)  # (N, D), N = 64
     topk_idx, gates, _ = layer.gate(tokens)
     jaxpr = jax.make_jaxpr(lambda x, i, g: moe.dispatch(x, i, g, layer.experts, cfg))(tokens, topk_idx, gates)
-    names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
-    # gate, up and down projections as grouped matmuls over the N·K assignments; the only plain contraction left is
-    # the gate-weighted sum over the K slots
-    assert sum(name.startswith("ragged_dot") for name in names) == 3
-    assert names.count("dot_general") == 1
+    lhs_shapes = [eqn.invars[0].aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    n, k, e = 64, cfg.num_experts_per_tok, cfg.n_routed_experts
+    c = moe.block_size(n * k, e)  # 128 // (4 * 8) = 4 -> clipped up to 8
+    assert c == 8
+    expert_gemms = [shape for shape in lhs_shapes if len(shape) == 3 and shape[1] == c]  # (blocks, C, D or F)
+    assert len(expert_gemms) == 3  # gate, up and down projections
+    for blocks, rows_per_block, _ in expert_gemms:
+        # N·K = 128 assignments plus at most E·(C-1) = 56 padding rows: 184 // 8 = 23 blocks, 184 rows,
+        # against N·E = 512 rows for every expert on every token
+        assert rows_per_block == c and blocks * c == (n * k + e * (c - 1)) // c * c == 184 < n * e
+
+
+def test_dispatch_is_dropless_when_every_token_picks_the_same_experts(cfg):
+    layer = make_moe(cfg)
+    tokens = random_tokens(cfg, b=2, t=20).reshape(-1, cfg.hidden_size)  # (N, D), N = 40
+    topk_idx = jnp.tile(jnp.asarray([[3, 5]], jnp.int32), (40, 1))  # the worst imbalance: two experts get everything
+    gates = jnp.full((40, 2), 1.25)
+    fast = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
+    slow = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(fast).min(axis=-1).max()) > 0  # every token got its experts' output
 
 
 # ---------------------------------------------------------------------------------------------------------------
