@@ -12,80 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
 from minidsv3 import accounting, checkpoint, config, data, generate, moe, plots, schedules
-from minidsv3.model import Transformer, cross_entropy, routers, training_loss, update_router_biases, with_config
+from minidsv3.model import Transformer, routers, with_config
+from minidsv3.step import evaluate, make_optimizer, train_step
 
 
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The jitted steps. γ and λ are arguments (their schedules live in minidsv3/schedules.py).
-
-
-@nnx.jit
-def train_step(model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict, mtp_lambda, gamma) -> dict:
-    """One optimizer step over A micro-batches (arrays (A, B, T)): mean gradient, AdamW, then the bias update."""
-    grad_fn = nnx.value_and_grad(training_loss, has_aux=True)
-    n_micro = micro_batches["inputs"].shape[0]
-    grads, metrics = None, []
-    for i in range(n_micro):  # gradient accumulation, unrolled (A is small and static)
-        (_, m), g = grad_fn(model, jax.tree.map(lambda x: x[i], micro_batches), mtp_lambda)
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        metrics.append(m)
-    grads = jax.tree.map(lambda g: g / n_micro, grads)
-    metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)  # (A, ...)
-    optimizer.update(model, grads)
-    # Aux-loss-free balancing (report §2.1.2): the loads of the whole step, all micro-batches, padding excluded.
-    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + D, E)
-    update_router_biases(model, loads, gamma)
-    return {
-        "loss": metrics["loss"].mean(),
-        "mtp_loss": metrics["mtp_loss"].mean(),
-        "balance_loss": metrics["balance_loss"].mean(),
-        "grad_norm": optax.global_norm(grads),
-        "expert_load": metrics["expert_load"].sum(0),  # (L_moe, E)
-    }
-
-
-@nnx.jit
-def eval_step(model: Transformer, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Summed NLL and count of scored tokens, and the expert loads (L_moe, E), on one validation batch."""
-    logits, aux = model(batch["inputs"], token_mask=batch["token_mask"])
-    count = batch["loss_mask"].sum()
-    return cross_entropy(logits, batch["targets"], batch["loss_mask"]) * count, count, aux["expert_load"]
-
-
-def evaluate(model: Transformer, batches: list[dict]) -> dict:
-    """Validation loss (nats/token), perplexity, and MaxVio_global per MoE layer over all validation batches."""
-    nll, count, load = 0.0, 0.0, 0.0
-    for batch in batches:
-        n, c, l = eval_step(model, batch)
-        nll, count, load = nll + float(n), count + float(c), load + np.asarray(l)
-    maxvio = np.asarray(moe.max_violation(jnp.asarray(load)))  # (L_moe,), [LF] Eq. 4 over the whole set
-    loss = nll / max(count, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "maxvio_global": maxvio.tolist()}
-
-
-def decay_mask(params: nnx.State) -> nnx.State:
-    """Weight decay on matrices only: RMSNorm gains (1-D) are scales of normalized activations, and decaying them
-    toward 0 would only shrink the signal. The router bias is not a parameter, so AdamW never sees it."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,8 +51,20 @@ except OSError as e:
     fail(f"{run_dir}: run folder is not writable ({e.strerror}); choose another --train.out_dir")
 config_file = run_dir / "config.json"
 resolved = config.to_dict(cfg)
-if config_file.exists() and json.loads(config_file.read_text()) != json.loads(json.dumps(resolved)):
-    fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
+
+
+def run_defining(tables: dict) -> dict:
+    """The config minus what may change between a run and its continuation (where to stop)."""
+    return {**tables, "train": {k: v for k, v in tables["train"].items() if k != "stop_after_steps"}}
+
+
+if config_file.exists():
+    try:
+        previous = json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        fail(f"{config_file}: is not valid JSON; delete the run folder or choose another --train.out_dir")
+    if run_defining(previous) != run_defining(json.loads(json.dumps(resolved))):
+        fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
 config_file.write_text(json.dumps(resolved, indent=2))
 print(f"run folder {run_dir}")
 
@@ -141,7 +97,7 @@ print(
 # The three stages of Table 1. Context extension stretches the sequence by s and switches YaRN on (report §4.3),
 # with batch/s sequences so that a step holds the same tokens (15360 x 4K = 1920 x 32K in the report).
 s = t.context_yarn_factor
-long_seq = int(round(cfg.data.seq_len * s))
+long_seq = round(cfg.data.seq_len * s)
 yarn_model = dataclasses.replace(
     cfg.model,
     rope_scaling=config.RopeScaling(factor=s, original_max_position_embeddings=cfg.data.seq_len),
@@ -172,14 +128,7 @@ total_steps = sum(st["steps"] for st in stages)
 # Model and optimizer (AdamW, report §4.2), then resume
 
 model = Transformer(cfg.model, rngs=nnx.Rngs(t.seed))
-tx = optax.chain(
-    optax.clip_by_global_norm(t.grad_clip),
-    optax.adamw(
-        lambda step: schedules.learning_rate(step, t),
-        b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay, mask=decay_mask,
-    ),
-)  # fmt: skip
-optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+optimizer = make_optimizer(model, t)
 ledger = accounting.Ledger(*accounting.device_peak(), price_per_hour=t.price_per_hour)
 step = 0
 if (last := checkpoint.latest_step(run_dir)) is not None:
@@ -236,7 +185,7 @@ for st in stages:
     flops_per_token = accounting.flops_per_token(st["model"], st["seq_len"]).total
     bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
     stage_tokens, stage_seconds, stage_steps = 0, 0.0, 0
-    while step < stage_end and not stop_signal:
+    while step < stage_end and not stop_signal and not 0 < t.stop_after_steps <= step:
         gamma, lam = schedules.bias_update_speed(step, t), schedules.mtp_lambda(step, t)
         micro = [st["batches"].next_batch() for _ in range(t.grad_accum_steps)]
         micro = {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (A, B, T)
@@ -276,6 +225,10 @@ for st in stages:
         save_checkpoint()
         print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
         sys.exit(128 + stop_signal[0])
+    if 0 < t.stop_after_steps <= step:
+        save_checkpoint()
+        print(f"stopped after step {step} (train.stop_after_steps); checkpoint saved, run again to continue")
+        sys.exit(0)
     sample = generate.sample_text(model, tokenizer, "def ", max_new_tokens=t.sample_tokens, temperature=0.0)
     print(f"--- sample after {st['name']} ---\n{sample}\n---")
     stage_start = stage_end

@@ -59,7 +59,7 @@ def restore(run_dir: Path, model: nnx.Module, optimizer: nnx.Optimizer | None, s
     items = {name: ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(nnx.state(m)))) for name, m in modules.items()}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for truncated or foreign files
+    except Exception as e:  # noqa: BLE001 (Orbax raises many types for truncated or foreign files)
         where = Path(run_dir).absolute() / "checkpoints" / str(step)
         raise CheckpointError(
             f"{where}: checkpoint is unreadable ({type(e).__name__}); delete that folder to resume from an older one"

@@ -139,6 +139,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_tokens: int = 120
     price_per_hour: float = 2.0  # USD per device-hour, report Table 1
+    stop_after_steps: int = 0  # stop (with a checkpoint) after this global step, to continue later; 0 = run to the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +217,7 @@ def validate_data(d: DataConfig) -> None:
 def validate_train(t: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
         _require(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")
-    for name in ("pretrain_steps", "context_steps", "sft_steps", "warmup_steps", "sample_tokens"):
+    for name in ("pretrain_steps", "context_steps", "sft_steps", "warmup_steps", "sample_tokens", "stop_after_steps"):
         _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     for name in ("learning_rate", "context_learning_rate", "sft_learning_rate", "adam_eps", "grad_clip"):
         _require(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")

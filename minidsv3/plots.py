@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -25,7 +26,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
-    for prev, cur in zip(steps, steps[1:]):
+    for prev, cur in itertools.pairwise(steps):
         if cur["stage"] != prev["stage"]:
             ax.axvline(prev["step"], color="grey", ls="--", lw=0.8)
             ax.text(prev["step"], ax.get_ylim()[1], f" {cur['stage']}", va="top", fontsize=8, color="grey")

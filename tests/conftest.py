@@ -1,6 +1,5 @@
 """The one small config every module test builds on: tiny.toml's shape, shrunk so each test takes seconds."""
 
-import dataclasses
 
 import pytest
 

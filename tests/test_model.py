@@ -32,7 +32,7 @@ def test_forward_returns_logits_and_aux_with_one_load_row_per_moe_layer(cfg):
 
 
 def test_without_targets_the_mtp_modules_do_not_run(cfg):
-    logits, aux = Transformer(cfg, rngs=nnx.Rngs(0))(tokens(cfg))
+    _, aux = Transformer(cfg, rngs=nnx.Rngs(0))(tokens(cfg))
     assert aux["mtp_expert_load"].shape[0] == 0 and float(aux["mtp_loss"]) == 0.0
 
 
@@ -116,7 +116,7 @@ def test_the_router_bias_gets_no_gradient_and_no_optimizer_state(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
     x = tokens(cfg)
-    batch = dict(inputs=x, targets=x, loss_mask=jnp.ones(x.shape), token_mask=jnp.ones(x.shape))
+    batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "token_mask": jnp.ones(x.shape)}
     grads = nnx.grad(lambda m: training_loss(m, batch, 0.3)[0])(model)
     paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]]
     assert paths and not any("e_score_correction_bias" in p for p in paths)
