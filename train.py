@@ -229,18 +229,24 @@ for st in stages:
         save_checkpoint()
         print(f"stopped after step {step} (train.stop_after_steps); checkpoint saved, run again to continue")
         sys.exit(0)
-    sample = generate.sample_text(model, tokenizer, "def ", max_new_tokens=t.sample_tokens, temperature=0.0)
-    print(f"--- sample after {st['name']} ---\n{sample}\n---")
+    if t.sample_tokens:
+        sample = generate.sample_text(
+            model, tokenizer, "def ", max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed
+        )
+        print(f"--- sample after {st['name']} (temperature 0.8, top-p 0.95) ---\n{sample}\n---")
     stage_start = stage_end
 
 # ---------------------------------------------------------------------------------------------------------------
 # Final report
 
 metrics_out.close()
-final = evaluate(model, stages[0]["val"]) if stages[0]["steps"] else None
-if final:
-    print(f"final validation loss on pre-training text {final['val_loss']:.3f} nats/token"
-          f" vs unigram entropy {entropy:.3f} nats/token; MaxVio_global {np.mean(final['maxvio_global']):.3f}")  # fmt: skip
+final = {**evaluate(model, stages[0]["val"]), "unigram_entropy": entropy}  # on held-out pre-training text
+(run_dir / "final.json").write_text(json.dumps(final, indent=2))
+print(
+    f"final validation loss {final['val_loss']:.3f} nats/token vs the corpus's unigram entropy {entropy:.3f}"
+    f" nats/token; MaxVio_global {np.mean(final['maxvio_global']) if final['maxvio_global'] else 0:.3f}"
+    f" (per MoE layer: {', '.join(f'{v:.3f}' for v in final['maxvio_global'])})"
+)
 plots.plot_run(run_dir)
 ledger.save(run_dir / "ledger.json")
 table = ledger.format_table1()

@@ -37,6 +37,8 @@ Linear takes ~8x as long as in float32, forward and backward). What this module 
     keeps only their "highest 14 bits" (spec §4), the rest cut off; [ISCA] calls the register FP22. We drop the low
     bits of the magnitude (toward zero); a two's-complement (sign-fill) shift would send negative sums toward -inf
     instead. Either way the error is biased, so without promotion it grows like K, not √K.
+  * the routed experts' GEMMs use the same `fp8_matmul`, vmapped over moe.dispatch's blocks of rows, each block
+    holding tokens of a single expert: weight blocks are per expert, and Wgrad's token tiles never mix experts.
 
 How it differs from the production kernels (DeepGEMM; [G] inference/kernel.py `fp8_gemm_kernel`)
 ----------------------------------------------------------------------------------------------
