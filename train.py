@@ -36,7 +36,7 @@ def fail(message: str) -> None:
 # Config and run folder
 
 args = sys.argv[1:]
-config_path = args.pop(0) if args and not args[0].startswith("--") else "configs/tiny.toml"
+config_path = args.pop(0) if args and not args[0].startswith("--") else Path(__file__).parent / "configs/tiny.toml"
 try:
     cfg = config.load(config_path, args)
 except config.ConfigError as e:
@@ -65,7 +65,8 @@ if config_file.exists():
         fail(f"{config_file}: is not valid JSON; delete the run folder or choose another --train.out_dir")
     if run_defining(previous) != run_defining(json.loads(json.dumps(resolved))):
         fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
-config_file.write_text(json.dumps(resolved, indent=2))
+else:
+    config_file.write_text(json.dumps(resolved, indent=2))
 print(f"run folder {run_dir}")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,17 +81,12 @@ try:
     tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir)
     train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train")
     val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val")
-    if cfg.data.sft_path:
-        pairs = data.load_sft_jsonl(cfg.data.sft_path)
-    else:
-        pairs = data.extract_sft_pairs(docs)
-    sft_train, sft_val = data.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
 except data.DataError as e:
     fail(str(e))
 entropy = data.unigram_entropy(train_tokens, cfg.model.vocab_size)
 print(
     f"corpus: {len(docs)} files ({len(train_docs)} train / {len(val_docs)} val), {len(train_tokens):,} train tokens,"
-    f" {len(val_tokens):,} val tokens, {len(sft_train)} SFT pairs; unigram entropy {entropy:.3f} nats/token"
+    f" {len(val_tokens):,} val tokens; unigram entropy {entropy:.3f} nats/token"
     f" (tokenizer and tokens ready in {time.time() - t0:.1f}s)"
 )
 
@@ -104,24 +100,34 @@ yarn_model = dataclasses.replace(
     max_position_embeddings=max(cfg.model.max_position_embeddings, long_seq),
 )
 extended = t.context_steps > 0 and s > 1
-Stage = dict  # name, steps, seq_len, model config, batches, validation batches
-try:
-    stages = [
-        Stage(name="pretrain", steps=t.pretrain_steps, seq_len=cfg.data.seq_len, model=cfg.model,
-              batches=data.PackedBatches(train_tokens, cfg.data.seq_len, t.batch_size, t.seed),
-              val=data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, t.eval_batches)),
-        Stage(name="context", steps=t.context_steps, seq_len=long_seq, model=yarn_model,
-              batches=data.PackedBatches(train_tokens, long_seq, max(1, int(t.batch_size / s)), t.seed + 1),
-              val=data.eval_batches(val_tokens, long_seq, max(1, int(t.batch_size / s)), t.eval_batches)),
-        Stage(name="sft", steps=t.sft_steps, seq_len=long_seq if extended else cfg.data.seq_len,
-              model=yarn_model if extended else cfg.model,
-              batches=data.SFTBatches(sft_train, tokenizer, long_seq if extended else cfg.data.seq_len,
-                                      t.batch_size, t.seed + 2),
-              val=data.sft_eval_batches(sft_val, tokenizer, long_seq if extended else cfg.data.seq_len,
-                                        t.batch_size, t.eval_batches)),
-    ]  # fmt: skip
+sft_seq = long_seq if extended else cfg.data.seq_len
+stages = [
+    {"name": "pretrain", "steps": t.pretrain_steps, "seq_len": cfg.data.seq_len, "model": cfg.model},
+    {"name": "context", "steps": t.context_steps, "seq_len": long_seq, "model": yarn_model},
+    {"name": "sft", "steps": t.sft_steps, "seq_len": sft_seq, "model": yarn_model if extended else cfg.model},
+]
+context_batch = max(1, int(t.batch_size / s))
+try:  # each stage's loader and validation batches; a stage switched off (0 steps) needs no data
+    stages[0]["val"] = data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, t.eval_batches)
+    if t.pretrain_steps:
+        stages[0]["batches"] = data.PackedBatches(train_tokens, cfg.data.seq_len, t.batch_size, t.seed)
+    if t.context_steps:
+        stages[1]["batches"] = data.PackedBatches(train_tokens, long_seq, context_batch, t.seed + 1)
+        stages[1]["val"] = data.eval_batches(val_tokens, long_seq, context_batch, t.eval_batches)
+    if t.sft_steps:  # post-training pairs: a JSONL, or signature+docstring -> body mined from the corpus
+        pairs = data.load_sft_jsonl(cfg.data.sft_path) if cfg.data.sft_path else data.extract_sft_pairs(docs)
+        if len(pairs) < 2 and not cfg.data.sft_path:
+            fail(
+                f"the corpus yields {len(pairs)} SFT pairs (functions with docstrings); give --data.sft_path=pairs.jsonl"
+                " or switch post-training off with --train.sft_steps=0"
+            )
+        sft_train, sft_val = data.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
+        stages[2]["batches"] = data.SFTBatches(sft_train, tokenizer, sft_seq, t.batch_size, t.seed + 2)
+        stages[2]["val"] = data.sft_eval_batches(sft_val, tokenizer, sft_seq, t.batch_size, t.eval_batches)
+        print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
 except data.DataError as e:
     fail(str(e))
+stages = [st for st in stages if st["steps"] or st["name"] == "pretrain"]  # pretrain's val serves the final report
 total_steps = sum(st["steps"] for st in stages)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,13 +144,14 @@ if (last := checkpoint.latest_step(run_dir)) is not None:
         fail(str(e))
     step = meta["step"]
     for st in stages:
-        st["batches"].load_state_dict(meta["loaders"][st["name"]])
+        if st["steps"]:
+            st["batches"].load_state_dict(meta["loaders"][st["name"]])
     ledger = accounting.Ledger.from_dict(meta["ledger"])
     print(f"resumed from checkpoint at step {step} of {total_steps}")
 # metrics.jsonl holds exactly the steps up to the checkpoint: later lines (from a run that died) are dropped.
 metrics_file = run_dir / "metrics.jsonl"
 if metrics_file.exists():
-    kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] < step]
+    kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= step]
     metrics_file.write_text("".join(ln + "\n" for ln in kept))
 metrics_out = metrics_file.open("a")
 
@@ -157,7 +164,7 @@ def log(record: dict) -> None:
 def save_checkpoint() -> None:
     meta = {
         "step": step,
-        "loaders": {st["name"]: st["batches"].state_dict() for st in stages},
+        "loaders": {st["name"]: st["batches"].state_dict() for st in stages if st["steps"]},
         "ledger": ledger.to_dict(),
         "config": resolved,
         "model_config": config.to_dict(model.cfg),  # the current stage's (YaRN on after pre-training)

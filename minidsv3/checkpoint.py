@@ -15,7 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+# Orbax logs every save at INFO and each unreadable file at ERROR before raising; the errors reach the caller as
+# CheckpointError with one line that says what to do, so its log lines would only repeat them.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 class CheckpointError(RuntimeError):

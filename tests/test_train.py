@@ -34,8 +34,7 @@ def write_corpus(folder: Path, files: int = 6) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in range(files):
         body = "".join(
-            f'def helper_{f}_{i}(value, count={i}):\n    """Return value scaled by {i} and shifted by {f}."""\n'
-            f"    result = value * {i} + {f}\n    for step in range(count):\n        result += step\n    return result\n\n"
+            f'def f{i}(v):\n    """Scale {i}."""\n    r = v * {i} + {f}\n    for k in range(r):\n        r += k\n    return r\n\n'
             for i in range(12)
         )
         (folder / f"module_{f}.py").write_text(body)
@@ -77,7 +76,7 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
 
     # The ledger counts what the loaders delivered, and FLOPs = tokens x the analytic FLOPs/token of each stage.
     ledger = json.loads((tmp_path / "b" / "ledger.json").read_text())
-    stages = {s["stage"]: s for s in ledger["stages"]}
+    stages = ledger["stages"]
     cfg = config.load(None, common).model
     yarn = config.from_dict({"model": json.loads((tmp_path / "b" / "config.json").read_text())["model"]}).model
     for name, steps, seq_len, batch in (("pretrain", 4, 16, 4), ("context", 2, 32, 2), ("sft", 2, 32, 4)):
@@ -136,8 +135,8 @@ def test_bad_input_gets_a_one_line_error_a_nonzero_exit_and_overwrites_nothing(t
         (data / "a.txt").write_text("")
     elif case == "too_short":
         data.mkdir()
-        (data / "a.py").write_text("x = 1\n")
-        (data / "b.py").write_text("y = 2\n")
+        (data / "a.py").write_text('def f():\n    """A."""\n    return 1\n')  # one SFT pair each, a few tokens
+        (data / "b.py").write_text('def g():\n    """B."""\n    return 2\n')
     elif case == "not_utf8":
         write_corpus(data, files=2)
         (data / "bad.txt").write_bytes(b"abc\xff\xfe")
