@@ -26,7 +26,9 @@ class CheckpointError(RuntimeError):
 
 def _manager(run_dir: Path, keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)  # Orbax wants absolute paths
+    return ocp.CheckpointManager(
+        Path(run_dir).absolute() / "checkpoints", options=options
+    )  # Orbax wants absolute paths
 
 
 def _abstract(tree: dict) -> dict:
@@ -45,7 +47,10 @@ def save(run_dir: Path, step: int, model: nnx.Module, optimizer: nnx.Optimizer, 
     manager = _manager(run_dir, keep)
     if step in manager.all_steps():
         return
-    items = {name: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(m))) for name, m in (("model", model), ("optimizer", optimizer))}
+    items = {
+        name: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(m)))
+        for name, m in (("model", model), ("optimizer", optimizer))
+    }
     manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
 

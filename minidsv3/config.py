@@ -172,7 +172,11 @@ def validate_model(m: ModelConfig) -> None:
     for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
         _require(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _require(m.aux_loss_alpha >= 0, "model.aux_loss_alpha", f"must be >= 0, got {m.aux_loss_alpha}")
-    _require(m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {m.qk_rope_head_dim}")
+    _require(
+        m.qk_rope_head_dim % 2 == 0,
+        "model.qk_rope_head_dim",
+        f"must be even (RoPE rotates pairs), got {m.qk_rope_head_dim}",
+    )
     _require(m.topk_group <= m.n_group, "model.topk_group", f"must be <= n_group ({m.n_group}), got {m.topk_group}")
     _require(
         m.n_routed_experts % m.n_group == 0,

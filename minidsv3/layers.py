@@ -100,7 +100,11 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
         return freqs
 
     def correction_dim(rotations: float) -> float:  # the dim j whose wavelength fits `rotations` turns in the context
-        return dim * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        return (
+            dim
+            * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(cfg.rope_theta))
+        )
 
     low = max(math.floor(correction_dim(r.beta_fast)), 0)
     high = min(math.ceil(correction_dim(r.beta_slow)), dim - 1)

@@ -28,7 +28,9 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # The head stays in high precision even with FP8 on (report §3.3.1).
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs=rngs, quantize=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs=rngs, quantize=False)
+        )
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -102,7 +104,6 @@ class Transformer(nnx.Module):
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean next-token NLL in nats over the positions where mask is 1. logits (B, T, V), targets and mask (B, T)."""
     return (token_nll(logits, targets) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
 
 
 def training_loss(model: Transformer, batch: dict, mtp_lambda: jax.Array) -> tuple[jax.Array, dict]:

@@ -1,6 +1,5 @@
 """The one small config every module test builds on: tiny.toml's shape, shrunk so each test takes seconds."""
 
-
 import pytest
 
 from minidsv3.config import ModelConfig
@@ -31,4 +30,3 @@ SMALL = ModelConfig(
 @pytest.fixture
 def cfg() -> ModelConfig:
     return SMALL
-

@@ -141,7 +141,9 @@ def test_update_router_biases_applies_the_sign_rule_to_every_router_in_order(cfg
 
 def test_with_config_keeps_every_parameter_and_switches_yarn_on(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    longer = with_config(model, dataclasses.replace(cfg, rope_scaling=RopeScaling(factor=2.0, original_max_position_embeddings=8)))
+    longer = with_config(
+        model, dataclasses.replace(cfg, rope_scaling=RopeScaling(factor=2.0, original_max_position_embeddings=8))
+    )
     assert longer.cfg.rope_scaling.factor == 2.0
     a, b = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(longer))
     jax.tree.map(np.testing.assert_array_equal, a, b)

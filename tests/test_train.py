@@ -43,7 +43,12 @@ def write_corpus(folder: Path, files: int = 6) -> Path:
 
 def train(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -72,7 +77,9 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
     assert [r[0] for r in a] == list(range(1, 9)) and a == b  # every loss and router bias, exactly
     model_a, _ = load_run(tmp_path / "a")
     model_b, _ = load_run(tmp_path / "b")
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model_a)), nnx.to_pure_dict(nnx.state(model_b)))
+    jax.tree.map(
+        np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model_a)), nnx.to_pure_dict(nnx.state(model_b))
+    )
 
     # The ledger counts what the loaders delivered, and FLOPs = tokens x the analytic FLOPs/token of each stage.
     ledger = json.loads((tmp_path / "b" / "ledger.json").read_text())
