@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from minidsv3 import accounting, checkpoint, config, data, generate, moe, plots, schedules
+from minidsv3 import accounting, checkpoint, config, data, generate, plots, schedules
 from minidsv3.model import Transformer, routers, with_config
 from minidsv3.step import evaluate, make_optimizer, train_step
 
@@ -208,7 +208,7 @@ for st in stages:
         stage_steps += 1
         step += 1
         load = np.asarray(out["expert_load"])  # (L_moe, E)
-        maxvio_batch = float(np.mean(moe.max_violation(jnp.asarray(load)))) if load.size else 0.0
+        maxvio_batch = float(out["maxvio_batch"]) if load.size else 0.0
         biases = [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)]
         lr = float(schedules.learning_rate(step - 1, t))
         log({"step": step, "stage": st["name"], "loss": loss, "mtp_loss": float(out["mtp_loss"]),

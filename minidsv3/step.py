@@ -55,6 +55,7 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict
         "balance_loss": metrics["balance_loss"].mean(),
         "grad_norm": optax.tree.norm(grads),
         "expert_load": metrics["expert_load"].sum(0),  # (L_moe, E)
+        "maxvio_batch": moe.max_violation(metrics["expert_load"].sum(0)).mean(),  # [LF] Eq. 4 on this step's loads
     }
 
 
