@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from minidsv3 import accounting, checkpoint, config, data, generate, plots, schedules
+from minidsv3 import accounting, checkpoint, config, data, flops, generate, plots, schedules, sft
 from minidsv3.model import Transformer, routers, with_config
 from minidsv3.step import evaluate, make_optimizer, train_step
 
@@ -115,15 +115,15 @@ try:  # each stage's loader and validation batches; a stage switched off (0 step
         stages[1]["batches"] = data.PackedBatches(train_tokens, long_seq, context_batch, t.seed + 1)
         stages[1]["val"] = data.eval_batches(val_tokens, long_seq, context_batch, t.eval_batches)
     if t.sft_steps:  # post-training pairs: a JSONL, or signature+docstring -> body mined from the corpus
-        pairs = data.load_sft_jsonl(cfg.data.sft_path) if cfg.data.sft_path else data.extract_sft_pairs(docs)
+        pairs = sft.load_jsonl(cfg.data.sft_path) if cfg.data.sft_path else sft.extract_pairs(docs)
         if len(pairs) < 2 and not cfg.data.sft_path:
             fail(
                 f"the corpus yields {len(pairs)} SFT pairs (functions with docstrings); give --data.sft_path=pairs.jsonl"
                 " or switch post-training off with --train.sft_steps=0"
             )
-        sft_train, sft_val = data.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
-        stages[2]["batches"] = data.SFTBatches(sft_train, tokenizer, sft_seq, t.batch_size, t.seed + 2)
-        stages[2]["val"] = data.sft_eval_batches(sft_val, tokenizer, sft_seq, t.batch_size, t.eval_batches)
+        sft_train, sft_val = sft.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
+        stages[2]["batches"] = sft.SFTBatches(sft_train, tokenizer, sft_seq, t.batch_size, t.seed + 2)
+        stages[2]["val"] = sft.eval_batches(sft_val, tokenizer, sft_seq, t.batch_size, t.eval_batches)
         print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
 except data.DataError as e:
     fail(str(e))
@@ -189,7 +189,7 @@ for st in stages:
     model = with_config(model, st["model"])  # YaRN on for context extension and after; same parameters
     # cached_partial walks the model's module graph once, not on every call (~0.3 s a step for the tiny model).
     step_fn = nnx.cached_partial(train_step, model, optimizer)
-    flops_per_token = accounting.flops_per_token(st["model"], st["seq_len"]).total
+    flops_per_token = flops.flops_per_token(st["model"], st["seq_len"]).total
     bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
     stage_tokens, stage_seconds, stage_steps = 0, 0.0, 0
     while step < stage_end and not stop_signal and not 0 < t.stop_after_steps <= step:

@@ -12,7 +12,7 @@ What the report does and how we follow it (report §4.1, §5 of the spec):
 - byte-level BPE (128K vocabulary in the report; `vocab_size` here), trained with the `tokenizers` library;
 - document packing: documents joined with `<|endoftext|>` and cut into fixed windows, with no cross-sample attention
   mask, so a window may span two documents;
-- SFT with the loss on response tokens only.
+- SFT with the loss on response tokens only (minidsv3/sft.py).
 NOTE: differs from the report: no fill-in-the-middle (PSM at rate 0.1) and no random splitting of merged
 punctuation/line-break tokens; SFT examples are padded one per row instead of packed with sample masking, which
 wastes some compute but keeps the masks readable.
@@ -22,13 +22,11 @@ Shape legend: B batch (sequences) · T positions (seq_len).
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import io
 import json
 import os
 import sysconfig
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,7 +62,7 @@ def _list_files(root: Path, skip_dirs: set[str]) -> list[str]:
     return sorted(found)
 
 
-def _decode(path: Path, data: bytes) -> str:
+def decode_text(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,14 +92,14 @@ def load_documents(path: str) -> list[Document]:
     if not p.exists():
         raise DataError(f"{path}: no such file or folder; point --data.path at a UTF-8 text file or folder")
     if p.is_file():
-        text = _decode(p, p.read_bytes())
+        text = decode_text(p, p.read_bytes())
         if not text:
             raise DataError(f"{path}: the file is empty; the corpus needs some text")
         return [Document(p.name, text)]
     names = _list_files(p, {"__pycache__"})
     if not names:
         raise DataError(f"{path}: the folder has no files (hidden ones are skipped); add UTF-8 text files")
-    docs = [Document(name, _decode(p / name, (p / name).read_bytes())) for name in names]
+    docs = [Document(name, decode_text(p / name, (p / name).read_bytes())) for name in names]
     docs = [d for d in docs if d.text]  # an empty file would only add a separator
     if not docs:
         raise DataError(f"{path}: all {len(names)} files are empty; the corpus needs some text")
@@ -125,7 +123,7 @@ def _hash_unit(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _hold_out(keys: list[str], val_fraction: float, seed: int) -> list[bool]:
+def hold_out(keys: list[str], val_fraction: float, seed: int) -> list[bool]:
     """True for the items held out: those whose hash falls below `val_fraction`, then at least one on each side."""
     u = [_hash_unit(k, seed) for k in keys]
     held = [x < val_fraction for x in u]
@@ -157,7 +155,7 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
             [Document(f"{doc.name}:1-{cut}", "".join(lines[:cut]))],
             [Document(f"{doc.name}:{cut + 1}-{len(lines)}", "".join(lines[cut:]))],
         )
-    held = _hold_out([d.name for d in docs], val_fraction, seed)
+    held = hold_out([d.name for d in docs], val_fraction, seed)
     return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
@@ -208,7 +206,7 @@ def load_or_train_tokenizer(train_docs: list[Document], vocab_size: int, cache_d
 
 def _encode_documents(docs: list[Document], tokenizer: Tokenizer) -> np.ndarray:
     """One stream: doc_0 EOT doc_1 EOT ... (N,) uint16 when the vocabulary fits, else uint32."""
-    eot = _special_id(tokenizer, EOT)
+    eot = special_id(tokenizer, EOT)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
     encodings = tokenizer.encode_batch([d.text for d in docs])  # parallel over documents in Rust
     return np.concatenate([np.array(e.ids + [eot], dtype) for e in encodings])  # (N,)
@@ -225,7 +223,7 @@ def load_or_tokenize(docs: list[Document], tokenizer: Tokenizer, cache_dir: str 
     return np.load(path, mmap_mode="r")  # (N,)
 
 
-def _special_id(tokenizer: Tokenizer, token: str) -> int:
+def special_id(tokenizer: Tokenizer, token: str) -> int:
     i = tokenizer.token_to_id(token)
     if i is None:
         raise DataError(f"the tokenizer has no {token} token; use one made by load_or_train_tokenizer")
@@ -243,7 +241,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 # Batches. Both kinds draw their order from an explicit PCG64 generator whose state travels with the checkpoint.
 
 
-class _EpochOrder:
+class EpochOrder:
     """Indices 0..n-1, in a fresh random permutation each epoch. The state is the generator's state at the start of
     the epoch plus a cursor: restoring redraws the same permutation, and the next indices follow exactly."""
 
@@ -306,7 +304,7 @@ class PackedBatches:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
         _check_stream(tokens, seq_len)
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.order = _EpochOrder((len(tokens) - 1) // seq_len, seed)
+        self.order = EpochOrder((len(tokens) - 1) // seq_len, seed)
         self.batches_delivered = 0
         self.tokens_delivered = 0
 
@@ -331,147 +329,3 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: i
     _check_stream(tokens, seq_len)
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round().astype(np.int64)  # (n·B,)
     return [_windows(tokens, s, seq_len) for s in starts.reshape(n_batches, batch_size)]  # each s: (B,)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Supervised fine-tuning pairs (report §5.1: loss on the response only)
-
-
-def _function_pair(f: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> tuple[str, str] | None:
-    """(def line(s) through the end of the docstring, the rest of the body), dedented to the def's column."""
-    body = f.body
-    first = body[0]
-    has_doc = (
-        isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
-    )
-    if not has_doc or len(body) < 2 or body[1].lineno <= first.end_lineno:  # no docstring, or no code after it
-        return None
-    indent = lines[f.lineno - 1][: f.col_offset]  # f.lineno is the `def` line; decorators are left out
-    prompt = "".join(line.removeprefix(indent) for line in lines[f.lineno - 1 : first.end_lineno])
-    response = "".join(line.removeprefix(indent) for line in lines[first.end_lineno : f.end_lineno])
-    return prompt, response
-
-
-def extract_sft_pairs(
-    docs: list[Document], max_pairs: int = 4000, min_chars: int = 40, max_chars: int = 1500
-) -> list[tuple[str, str]]:
-    """(prompt, response) for every function with a docstring in the Python documents, in document and line order.
-
-    Responses shorter than `min_chars` and pairs longer than `max_chars` are skipped (the default keeps most pairs
-    within a few hundred tokens). Beyond `max_pairs`, an evenly spaced subset is kept, so all files stay represented.
-    Documents that do not parse as Python are skipped.
-    """
-    pairs = []
-    for doc in docs:
-        try:
-            with warnings.catch_warnings():  # e.g. SyntaxWarning for invalid escapes in old stdlib strings
-                warnings.simplefilter("ignore")
-                tree = ast.parse(doc.text)
-        except (SyntaxError, ValueError, RecursionError):
-            continue
-        lines = io.StringIO(doc.text, newline="").readlines()  # the line breaks `ast` counts, unlike str.splitlines
-        funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        for f in sorted(funcs, key=lambda n: (n.lineno, n.col_offset)):
-            pair = _function_pair(f, lines)
-            if pair and len(pair[1]) >= min_chars and len(pair[0]) + len(pair[1]) <= max_chars:
-                pairs.append(pair)
-    if len(pairs) > max_pairs:
-        pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)]
-    return pairs
-
-
-def load_sft_jsonl(path: str) -> list[tuple[str, str]]:
-    """Pairs from a JSONL file of {"prompt": str, "response": str} objects, one per line (blank lines allowed)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such file; point --data.sft_path at a JSONL file of prompt/response objects")
-    pairs = []
-    for number, line in enumerate(_decode(p, p.read_bytes()).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); write one object per line") from None
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-            raise DataError(f'{path}:{number}: expected an object with string "prompt" and "response" keys')
-        pairs.append((row["prompt"], row["response"]))
-    if not pairs:
-        raise DataError(f"{path}: no prompt/response pairs in the file")
-    return pairs
-
-
-def split_pairs(pairs: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val) placed by a hash of (seed, prompt, response), as `split_documents` places files."""
-    if len(pairs) < 2:
-        raise DataError(f"{len(pairs)} SFT pair(s) cannot be split into train and validation; supply at least 2")
-    held = _hold_out([f"{p}\0{r}" for p, r in pairs], val_fraction, seed)
-    return [x for x, h in zip(pairs, held) if not h], [x for x, h in zip(pairs, held) if h]
-
-
-def _encode_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int) -> list[tuple[list, list]]:
-    """Token ids of prompts and responses, encoded apart so the boundary is exact. Pairs whose prompt alone fills
-    the window (more than T tokens) are dropped: no response token would be left to learn from."""
-    prompts = tokenizer.encode_batch([p for p, _ in pairs])
-    responses = tokenizer.encode_batch([r for _, r in pairs])
-    encoded = [(p.ids, r.ids) for p, r in zip(prompts, responses) if len(p.ids) <= seq_len]
-    if not encoded:
-        raise DataError(f"all {len(pairs)} SFT prompts are longer than seq_len={seq_len} tokens; raise --data.seq_len")
-    return encoded
-
-
-def _sft_batch(encoded: list[tuple[list, list]], indices: np.ndarray, seq_len: int, eot: int, pad: int) -> dict:
-    """Rows prompt + response + EOT, cut to T+1 tokens and padded. loss_mask marks targets that are response or EOT;
-    token_mask marks real (non-padding) inputs."""
-    rows = np.full((len(indices), seq_len + 1), pad, np.int32)  # (B, T+1)
-    loss_mask = np.zeros((len(indices), seq_len), np.float32)  # (B, T)
-    token_mask = np.zeros((len(indices), seq_len), np.float32)  # (B, T)
-    for b, i in enumerate(indices):
-        prompt, response = encoded[i]
-        ids = (prompt + response + [eot])[: seq_len + 1]
-        rows[b, : len(ids)] = ids
-        # Target t is ids[t+1]: it is a response token (or EOT) from t+1 = len(prompt) up to the last real token.
-        # With an empty prompt the first response token has nothing before it to predict it from.
-        loss_mask[b, max(len(prompt) - 1, 0) : len(ids) - 1] = 1.0  # (T,)
-        token_mask[b, : len(ids)] = 1.0  # (T,)  inputs are the row's first T tokens; those past len(ids) are PAD
-    return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": loss_mask, "token_mask": token_mask}
-
-
-class SFTBatches:
-    """Fine-tuning batches: one (prompt, response) pair per row, shuffled each epoch by an explicit generator.
-
-    `tokens_delivered` counts B·T per batch, padding included: that is what the device computed on.
-    """
-
-    def __init__(self, pairs: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int):
-        self.encoded = _encode_pairs(pairs, tokenizer, seq_len)
-        self.n_dropped = len(pairs) - len(self.encoded)
-        self.eot, self.pad = _special_id(tokenizer, EOT), _special_id(tokenizer, PAD)
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.order = _EpochOrder(len(self.encoded), seed)
-        self.batches_delivered = 0
-        self.tokens_delivered = 0
-
-    def next_batch(self) -> dict:
-        """{inputs, targets: (B, T) int32; loss_mask, token_mask: (B, T) float32}."""
-        indices = self.order.take(self.batch_size)  # (B,)
-        self.batches_delivered += 1
-        self.tokens_delivered += self.batch_size * self.seq_len
-        return _sft_batch(self.encoded, indices, self.seq_len, self.eot, self.pad)
-
-    def state_dict(self) -> dict:
-        return {"order": self.order.state_dict(), "batches": self.batches_delivered, "tokens": self.tokens_delivered}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.order.load_state_dict(d["order"])
-        self.batches_delivered, self.tokens_delivered = d["batches"], d["tokens"]
-
-
-def sft_eval_batches(
-    pairs: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, batch_size: int, n_batches: int
-) -> list[dict]:
-    """`n_batches` fixed batches of pairs evenly spaced over `pairs` (repeating when there are fewer than B·n)."""
-    encoded = _encode_pairs(pairs, tokenizer, seq_len)
-    eot, pad = _special_id(tokenizer, EOT), _special_id(tokenizer, PAD)
-    indices = np.linspace(0, len(encoded) - 1, batch_size * n_batches).round().astype(np.int64)  # (n·B,)
-    return [_sft_batch(encoded, i, seq_len, eot, pad) for i in indices.reshape(n_batches, batch_size)]

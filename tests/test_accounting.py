@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts, the ledger and Table 1 (minidsv3/accounting.py; report Table 1, [ISCA] Tables 2 and 4)."""
+"""Parameter and FLOP counts (minidsv3/flops.py), the ledger and Table 1 (minidsv3/accounting.py; report Table 1, [ISCA]
+Tables 2 and 4)."""
 
 import dataclasses
 import json
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from minidsv3 import accounting, moe
-from minidsv3.accounting import Ledger, StageCost, StagePlan, count_params, flops_per_token
+from minidsv3.accounting import Ledger, StageCost, StagePlan
 from minidsv3.config import load_model_config
+from minidsv3.flops import count_params, flops_per_token
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_toml_has_exactly_the_architecture_the_issue_fixes():
     m = config.load(ROOT / "configs/tiny.toml").model
-    expected = dict(
+    expected = dict(  # noqa: C408  (keyword form reads like the TOML)
         vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2,

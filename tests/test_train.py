@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minidsv3 import accounting, config
+from minidsv3 import config, flops
 from minidsv3.generate import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
     yarn = config.from_dict({"model": json.loads((tmp_path / "b" / "config.json").read_text())["model"]}).model
     for name, steps, seq_len, batch in (("pretrain", 4, 16, 4), ("context", 2, 32, 2), ("sft", 2, 32, 4)):
         assert stages[name]["steps"] == steps and stages[name]["tokens"] == steps * seq_len * batch
-        per_token = accounting.flops_per_token(cfg if name == "pretrain" else yarn, seq_len).total
+        per_token = flops.flops_per_token(cfg if name == "pretrain" else yarn, seq_len).total
         np.testing.assert_allclose(stages[name]["flops"], stages[name]["tokens"] * per_token, rtol=1e-9)
     for f in ("costs.md", "loss.png", "expert_load.png", "router_bias.png", "manifest.json"):
         assert (tmp_path / "b" / f).is_file(), f
