@@ -32,6 +32,11 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def mean_maxvio(ev: dict) -> str:
+    """An evaluation's MaxVio_global averaged over the MoE layers, as [LF] reports it."""
+    return f"{np.mean(ev['maxvio_global']) if ev['maxvio_global'] else 0:.3f}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config and run folder
 
@@ -127,7 +132,7 @@ try:  # each stage's loader and validation batches; a stage switched off (0 step
         print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
 except data.DataError as e:
     fail(str(e))
-stages = [st for st in stages if st["steps"] or st["name"] == "pretrain"]  # pretrain's val serves the final report
+stages = [st for st in stages if st["steps"] or st["name"] == "pretrain"]  # at least one, for the final report
 total_steps = sum(st["steps"] for st in stages)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ for st in stages:
             log({"step": step, "stage": st["name"], "eval": True, **ev})
             bar.write(
                 f"[{st['name']} step {step}] val loss {ev['val_loss']:.3f} ppl {ev['val_ppl']:.1f}"
-                f" MaxVio_global {np.mean(ev['maxvio_global']) if ev['maxvio_global'] else 0:.3f}"
+                f" MaxVio_global {mean_maxvio(ev)}"
             )
         if step % t.ckpt_every == 0 or step == stage_end:
             save_checkpoint()
@@ -247,13 +252,21 @@ for st in stages:
 # Final report
 
 metrics_out.close()
-final = {**evaluate(model, stages[0]["val"]), "unigram_entropy": entropy}  # on held-out pre-training text
+# On the whole held-out pre-training text (MaxVio_global counts loads over the whole validation set, [LF] Eq. 4), and
+# on the held-out SFT pairs when post-training ran: after SFT the router biases balance SFT's data, not the corpus's.
+model = with_config(model, stages[-1]["model"])
+final = evaluate(model, data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, None))
+final["unigram_entropy"] = entropy
+if t.sft_steps:
+    final["sft"] = evaluate(model, stages[-1]["val"])
 (run_dir / "final.json").write_text(json.dumps(final, indent=2))
 print(
     f"final validation loss {final['val_loss']:.3f} nats/token vs the corpus's unigram entropy {entropy:.3f}"
-    f" nats/token; MaxVio_global {np.mean(final['maxvio_global']) if final['maxvio_global'] else 0:.3f}"
-    f" (per MoE layer: {', '.join(f'{v:.3f}' for v in final['maxvio_global'])})"
-)
+    f" nats/token; MaxVio_global {mean_maxvio(final)} (per MoE layer:"
+    f" {', '.join(f'{v:.3f}' for v in final['maxvio_global'])})"
+    + (f"; on the held-out SFT pairs: loss {final['sft']['val_loss']:.3f}, MaxVio {mean_maxvio(final['sft'])}"
+       if "sft" in final else "")
+)  # fmt: skip
 plots.plot_run(run_dir)
 ledger.save(run_dir / "ledger.json")
 table = ledger.format_table1()

@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(config: str, overrides: list[str], fp8: bool) -> list[dict]:
+def run(config: str, overrides: list[str], fp8: bool) -> tuple[list[dict], list[dict]]:
+    """(training-step records, evaluation records) of one run."""
     out = ROOT / "runs" / "fp8_vs_bf16" / ("fp8" if fp8 else "bf16")
     args = [
         sys.executable, str(ROOT / "train.py"), config, *overrides, f"--train.out_dir={out}",
@@ -31,7 +32,7 @@ def run(config: str, overrides: list[str], fp8: bool) -> list[dict]:
         print(f"training {out.name} ...", flush=True)
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if not r.get("eval")]
+    return [r for r in records if not r.get("eval")], [r for r in records if r.get("eval")]
 
 
 def ema(values: list[float], coefficient: float = 0.9) -> list[float]:
@@ -47,7 +48,9 @@ def main() -> None:
     config = argv.pop(0) if argv and not argv[0].startswith("--") else str(ROOT / "configs" / "tiny.toml")
     if not any(a.startswith("--train.pretrain_steps=") for a in argv):
         argv.append("--train.pretrain_steps=1000")
-    hi, lo = run(config, argv, fp8=False), run(config, argv, fp8=True)
+    if not any(a.startswith("--train.eval_every=") for a in argv):
+        argv.append("--train.eval_every=50")
+    (hi, hi_eval), (lo, lo_eval) = run(config, argv, fp8=False), run(config, argv, fp8=True)
     warmup = int(next((a.split("=")[1] for a in argv if a.startswith("--train.warmup_steps=")), 0)) or 50
     loss_hi, loss_lo = ema([r["loss"] for r in hi]), ema([r["loss"] for r in lo])
     rel = [(b - a) / a for a, b in zip(loss_hi, loss_lo)]
@@ -57,6 +60,11 @@ def main() -> None:
     after = [abs(r) for r in rel[warmup:]] or [float("nan")]
     print(f"\nmax |relative loss error| after warmup ({warmup} steps): {100 * max(after):.3f} % (report: < 0.25 %)")
     print(f"final relative loss error: {100 * rel[-1]:.3f} %")
+    val_rel = [(b["val_loss"] - a["val_loss"]) / a["val_loss"] for a, b in zip(hi_eval, lo_eval)]
+    print("validation loss, relative error at each evaluation (the same held-out batches, no smoothing):")
+    print("  " + "  ".join(f"{a['step']}: {100 * r:+.3f}%" for a, r in zip(hi_eval, val_rel)))
+    after_val = [abs(r) for a, r in zip(hi_eval, val_rel) if a["step"] > warmup] or [float("nan")]
+    print(f"max |validation relative error| after warmup: {100 * max(after_val):.3f} %")
     t_hi = statistics.median(r["seconds"] for r in hi[1:])
     t_lo = statistics.median(r["seconds"] for r in lo[1:])
     print(f"median step time: bf16 {t_hi:.3f} s, fp8 {t_lo:.3f} s, ratio fp8/bf16 {t_lo / t_hi:.2f}")

@@ -324,8 +324,12 @@ class PackedBatches:
         self.batches_delivered, self.tokens_delivered = d["batches"], d["tokens"]
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int) -> list[dict]:
-    """`n_batches` fixed batches of windows evenly spaced over the validation stream (the same every evaluation)."""
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int | None) -> list[dict]:
+    """`n_batches` fixed batches of windows evenly spaced over the validation stream (the same every evaluation), or
+    with n_batches=None the whole stream: every window i·T, each token a target once (the last batch may be short)."""
     _check_stream(tokens, seq_len)
+    if n_batches is None:
+        starts = np.arange((len(tokens) - 1) // seq_len, dtype=np.int64) * seq_len  # (n,)
+        return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, len(starts), batch_size)]
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round().astype(np.int64)  # (n·B,)
     return [_windows(tokens, s, seq_len) for s in starts.reshape(n_batches, batch_size)]  # each s: (B,)

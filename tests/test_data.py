@@ -315,6 +315,14 @@ def test_eval_batches_are_fixed_evenly_spaced_windows():
     np.testing.assert_array_equal(batches[2]["targets"][1], np.arange(91, 101))
 
 
+def test_the_whole_validation_stream_makes_every_token_a_target_once():
+    stream = np.arange(76, dtype=np.uint16)  # 7 windows of 10 (+1) tokens; the 76th token is only a target
+    batches = data.eval_batches(stream, seq_len=10, batch_size=3, n_batches=None)
+    assert [len(b["inputs"]) for b in batches] == [3, 3, 1]  # the last batch is short, never padded
+    targets = np.concatenate([b["targets"].ravel() for b in batches])
+    np.testing.assert_array_equal(targets, np.arange(1, 71))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SFT
 

@@ -41,7 +41,7 @@ def np_quantize_dequantize(x, tile):
     for i in range(0, x.shape[0], tile[0]):
         for j in range(0, x.shape[1], tile[1]):
             block = x[i : i + tile[0], j : j + tile[1]]
-            s = np.float32(max(np.abs(block).max(), np.float32(1e-4))) / np.float32(448.0)
+            s = np.float32(max(np.abs(block).max(), np.float32(fp8.AMAX_FLOOR))) / np.float32(448.0)
             q = np.clip(block / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
             out[i : i + tile[0], j : j + tile[1]] = q.astype(np.float32) * s
     return out
@@ -96,11 +96,22 @@ def test_quantize_dequantize_relative_error_is_at_most_2_to_the_minus_4_for_norm
     assert rel.max() > U / 2  # and the bound is nearly reached: the values really went through 3 bits
 
 
+def test_a_tile_quantizes_the_same_at_any_magnitude_from_gradients_to_outliers():
+    """Only the tile's own amax sets its scale: scaling a tensor by a power of two scales its FP8 copy exactly. Small
+    gradients (1e-9 here) keep all of E4M3's precision; a fixed floor on amax would cost them their low bits."""
+    x = jnp.asarray(random(3, 4, 2 * B), jnp.float32)
+    for pow2 in (False, True):
+        base = np.asarray(fp8.quantize_dequantize(x, (1, B), pow2))
+        for e in (-30, -20, -10, 10, 19):  # 2^-30 ≈ 9e-10 ... 2^19 ≈ 5e5
+            scaled = np.asarray(fp8.quantize_dequantize(x * 2.0**e, (1, B), pow2))
+            np.testing.assert_array_equal(scaled, base * 2.0**e)
+
+
 def test_no_nan_or_inf_for_inputs_up_to_1e6_and_all_zero_tiles():
     x = np.zeros((4, 2 * B), np.float32)
     x[0, :B] = np.linspace(-1e6, 1e6, B)  # huge values
     x[1, :B] = 1e6  # a tile of equal maxima: x/s = 448 exactly
-    x[2, :B] = 1e-30  # far below the amax floor of 1e-4: flushes to zero, not NaN
+    x[2, :B] = 1e-35  # below the amax floor: quantized against the floor's scale, finite
     for pow2 in (False, True):
         q, scales = fp8.quantize_tiles(jnp.asarray(x), (1, B), pow2)
         x_hat = np.asarray(fp8.dequantize(q, scales, (1, B)))
