@@ -279,7 +279,7 @@ class EpochOrder:
         self.cursor = d["cursor"]
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
     """Windows of T+1 tokens at `starts`; targets are the inputs shifted by one. Every position carries loss."""
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)  # (B, T+1)
     ones = np.ones((len(starts), seq_len), np.float32)  # (B, T)
@@ -313,7 +313,7 @@ class PackedBatches:
         starts = self.order.take(self.batch_size) * self.seq_len  # (B,)
         self.batches_delivered += 1
         self.tokens_delivered += self.batch_size * self.seq_len
-        return _windows(self.tokens, starts, self.seq_len)
+        return windows(self.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict:
         """JSON-ready position: generator state, epoch, cursor, and the counters."""
@@ -330,6 +330,6 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: i
     _check_stream(tokens, seq_len)
     if n_batches is None:
         starts = np.arange((len(tokens) - 1) // seq_len, dtype=np.int64) * seq_len  # (n,)
-        return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, len(starts), batch_size)]
+        return [windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, len(starts), batch_size)]
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round().astype(np.int64)  # (n·B,)
-    return [_windows(tokens, s, seq_len) for s in starts.reshape(n_batches, batch_size)]  # each s: (B,)
+    return [windows(tokens, s, seq_len) for s in starts.reshape(n_batches, batch_size)]  # each s: (B,)

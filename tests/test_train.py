@@ -93,6 +93,11 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
     for f in ("costs.md", "loss.png", "expert_load.png", "router_bias.png", "manifest.json"):
         assert (tmp_path / "b" / f).is_file(), f
     assert "Context Extension" in (tmp_path / "b" / "costs.md").read_text()
+    # The final report: held-out pre-training text and, as post-training ran, the held-out SFT pairs
+    final = json.loads((tmp_path / "b" / "final.json").read_text())
+    assert final == json.loads((tmp_path / "a" / "final.json").read_text())
+    assert final["val_loss"] > 0 and final["unigram_entropy"] > 0 and len(final["maxvio_global"]) == 1  # one MoE layer
+    assert final["sft"]["val_loss"] > 0 and len(final["sft"]["maxvio_global"]) == 1
 
 
 @pytest.mark.slow
