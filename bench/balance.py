@@ -4,8 +4,7 @@
     python bench/balance.py configs/tiny.toml --train.pretrain_steps=200
     python bench/balance.py --held-out RUN_DIR    # only the held-out-mix measurements, on any run's final model
 
-Each run goes through train.py into runs/balance/gamma-<γ>; an existing finished run is reused (delete the folder
-to rerun). For both runs it prints MaxVio ([LF] Eq. 4: max over experts of load/mean - 1, averaged over the MoE
+Each run goes through train.py into runs/balance/gamma-<γ>; a finished run of the same arguments is reused. For both runs it prints MaxVio ([LF] Eq. 4: max over experts of load/mean - 1, averaged over the MoE
 layers):
 - MaxVio_global at the end of the run (final.json) over the whole held-out pre-training text, and over the held-out
   SFT pairs, the data the biases were last balanced on; and at the end of each stage (train.py's evaluations);
@@ -20,29 +19,21 @@ content, and a few large files (codec tables, pydoc's topic texts) can make up a
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from train_once import ROOT, train_once
 
 from minidsv3 import config, data
 from minidsv3.generate import load_run
 from minidsv3.step import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run(config_path: str, overrides: list[str], gamma: float | None) -> Path:
     name = "configured" if gamma is None else f"{gamma:g}"
-    out = ROOT / "runs" / "balance" / f"gamma-{name}"
-    args = [sys.executable, str(ROOT / "train.py"), config_path, *overrides, f"--train.out_dir={out}"]
-    if gamma is not None:
-        args.append(f"--train.bias_update_speed={gamma}")
-    if not (out / "final.json").exists():
-        print(f"training {out.name} ...", flush=True)
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-    return out
+    extra = [] if gamma is None else [f"--train.bias_update_speed={gamma}"]
+    return train_once(ROOT / "runs" / "balance" / f"gamma-{name}", [config_path, *overrides, *extra])
 
 
 def max_violation(load: np.ndarray) -> float:

@@ -13,29 +13,21 @@ evaluation (every 50 steps by default), and the ratio of median step times.
 
 `--seed-floor` adds the yardstick a small run needs: the same bf16 run with the next seed (another initialization
 and data order), whose validation loss differs from the first by the run-to-run spread of the baseline itself.
-Differences well inside that spread cannot be told apart from it. Delete runs/fp8_vs_bf16 to rerun from scratch.
+Differences well inside that spread cannot be told apart from it.
 NOTE: on a CPU the FP8 path is slower, not faster: it emulates E4M3 rounding and a 13-bit accumulator in float32.
 """
 
 import json
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from train_once import ROOT, train_once
 
 
 def run(config: str, overrides: list[str], name: str, extra: list[str]) -> tuple[list[dict], list[dict]]:
     """Train runs/fp8_vs_bf16/<name> (pre-training only) unless finished; (step records, evaluation records)."""
-    out = ROOT / "runs" / "fp8_vs_bf16" / name
-    args = [
-        sys.executable, str(ROOT / "train.py"), config, *overrides, *extra, f"--train.out_dir={out}",
-        "--train.context_steps=0", "--train.sft_steps=0", "--train.sample_tokens=0",
-    ]  # fmt: skip
-    if not (out / "final.json").exists():
-        print(f"training {out.name} ...", flush=True)
-        subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    stages = ["--train.context_steps=0", "--train.sft_steps=0", "--train.sample_tokens=0"]
+    out = train_once(ROOT / "runs" / "fp8_vs_bf16" / name, [config, *overrides, *extra, *stages])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if not r.get("eval")], [r for r in records if r.get("eval")]
 
