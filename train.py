@@ -257,7 +257,7 @@ metrics_out.close()
 model = with_config(model, stages[-1]["model"])
 final = evaluate(model, data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, None))
 final["unigram_entropy"] = entropy
-if t.sft_steps:
+if t.sft_steps:  # post-training is the last stage
     final["sft"] = evaluate(model, stages[-1]["val"])
 (run_dir / "final.json").write_text(json.dumps(final, indent=2))
 print(

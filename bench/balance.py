@@ -22,10 +22,11 @@ import json
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from train_once import ROOT, train_once
 
-from minidsv3 import config, data
+from minidsv3 import config, data, moe
 from minidsv3.generate import load_run
 from minidsv3.step import evaluate
 
@@ -34,11 +35,6 @@ def run(config_path: str, overrides: list[str], gamma: float | None) -> Path:
     name = "configured" if gamma is None else f"{gamma:g}"
     extra = [] if gamma is None else [f"--train.bias_update_speed={gamma}"]
     return train_once(ROOT / "runs" / "balance" / f"gamma-{name}", [config_path, *overrides, *extra])
-
-
-def max_violation(load: np.ndarray) -> float:
-    """load (L_moe, E) -> MaxVio averaged over the MoE layers."""
-    return float(np.mean(load.max(-1) / load.mean(-1) - 1))
 
 
 def summary(out: Path) -> dict:
@@ -51,7 +47,7 @@ def summary(out: Path) -> dict:
         "stages": {stage: float(np.mean(r["maxvio_global"])) for stage, r in evals.items()},
         "final": final["maxvio_global"],
         "final_sft": float(np.mean(final["sft"]["maxvio_global"])) if "sft" in final else float("nan"),
-        "train_pooled": max_violation(np.sum([np.asarray(r["expert_load"]) for r in steps], axis=0)),
+        "train_pooled": float(moe.max_violation(jnp.asarray(np.sum([r["expert_load"] for r in steps], axis=0))).mean()),
     }
 
 
@@ -60,21 +56,13 @@ def held_out_mix(out: Path, seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2
     cfg = config.from_dict(json.loads((out / "config.json").read_text()))
     model, tokenizer = load_run(out)
     docs = data.load_documents(cfg.data.path)
-    eot, T, B = tokenizer.token_to_id(data.EOT), cfg.data.seq_len, cfg.train.batch_size
-
-    def encode(ds: list) -> np.ndarray:
-        return np.concatenate(
-            [np.asarray(e.ids + [eot], np.int32) for e in tokenizer.encode_batch([d.text for d in ds])]
-        )
-
-    print(
-        f"\nthe configured run's final model, MaxVio_global on other held-out sets ({cfg.data.val_fraction:g} of files):"
-    )
+    T, B = cfg.data.seq_len, cfg.train.batch_size
+    print(f"\n{out.name}'s final model, MaxVio_global on other held-out sets ({cfg.data.val_fraction:g} of files):")
     for seed in seeds:
         _, val = data.split_documents(docs, cfg.data.val_fraction, seed)
-        ev = evaluate(model, data.eval_batches(encode(val), T, B, None))
+        ev = evaluate(model, data.eval_batches(data.encode_documents(val, tokenizer), T, B, None))
         print(f"  split seed {seed}: {len(val):>3} files  {np.mean(ev['maxvio_global']):.3f}")
-    stream = encode(docs)
+    stream = data.encode_documents(docs, tokenizer)  # (N,)
     starts = np.random.default_rng(0).choice((len(stream) - 1) // T, windows, replace=False) * T  # (windows,)
     ev = evaluate(model, [data.windows(stream, starts[i : i + B], T) for i in range(0, windows, B)])
     print(f"  {windows} random windows of the whole corpus: {np.mean(ev['maxvio_global']):.3f}")

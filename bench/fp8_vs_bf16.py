@@ -65,7 +65,7 @@ def main() -> None:
     if seed_floor:
         seed = int(next((a.split("=")[1] for a in argv if a.startswith("--train.seed=")), 0))
         others[f"bf16, seed {seed + 1}"] = run(
-            config, argv, "bf16-seed1", ["--model.fp8=false", f"--train.seed={seed + 1}"]
+            config, argv, f"bf16-seed{seed + 1}", ["--model.fp8=false", f"--train.seed={seed + 1}"]
         )[1]
     for name, evals in others.items():
         val_rel = [(b["val_loss"] - a["val_loss"]) / a["val_loss"] for a, b in zip(hi_eval, evals)]

@@ -26,9 +26,8 @@ class CheckpointError(RuntimeError):
 
 def _manager(run_dir: Path, keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(
-        Path(run_dir).absolute() / "checkpoints", options=options
-    )  # Orbax wants absolute paths
+    directory = Path(run_dir).absolute() / "checkpoints"  # Orbax wants absolute paths
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _abstract(tree: dict) -> dict:

@@ -204,7 +204,7 @@ def load_or_train_tokenizer(train_docs: list[Document], vocab_size: int, cache_d
     return tokenizer
 
 
-def _encode_documents(docs: list[Document], tokenizer: Tokenizer) -> np.ndarray:
+def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> np.ndarray:
     """One stream: doc_0 EOT doc_1 EOT ... (N,) uint16 when the vocabulary fits, else uint32."""
     eot = special_id(tokenizer, EOT)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
@@ -218,7 +218,7 @@ def load_or_tokenize(docs: list[Document], tokenizer: Tokenizer, cache_dir: str 
     path = Path(cache_dir) / f"tokens-{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.npy"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = _encode_documents(docs, tokenizer)  # (N,)
+        tokens = encode_documents(docs, tokenizer)  # (N,)
         _write_atomically(path, lambda f: np.save(f, tokens))
     return np.load(path, mmap_mode="r")  # (N,)
 

@@ -221,7 +221,7 @@ def test_the_token_stream_is_each_document_followed_by_the_separator(bpe, tmp_pa
 
 def test_token_arrays_are_cached_and_memory_mapped(bpe, tmp_path, monkeypatch):
     first = data.load_or_tokenize(CODE, bpe, tmp_path, "train")
-    monkeypatch.setattr(data, "_encode_documents", lambda *a: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    monkeypatch.setattr(data, "encode_documents", lambda *a: (_ for _ in ()).throw(AssertionError("re-encoded")))
     again = data.load_or_tokenize(CODE, bpe, tmp_path, "train")
     assert isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, first)
@@ -316,7 +316,7 @@ def test_eval_batches_are_fixed_evenly_spaced_windows():
 
 
 def test_the_whole_validation_stream_makes_every_token_a_target_once():
-    stream = np.arange(76, dtype=np.uint16)  # 7 windows of 10 (+1) tokens; the 76th token is only a target
+    stream = np.arange(76, dtype=np.uint16)  # 7 windows of 10 (+1) tokens; the 5-token tail is too short for one
     batches = data.eval_batches(stream, seq_len=10, batch_size=3, n_batches=None)
     assert [len(b["inputs"]) for b in batches] == [3, 3, 1]  # the last batch is short, never padded
     targets = np.concatenate([b["targets"].ravel() for b in batches])
