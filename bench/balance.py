@@ -4,8 +4,8 @@
     python bench/balance.py configs/tiny.toml --train.pretrain_steps=200
     python bench/balance.py --held-out RUN_DIR    # only the held-out-mix measurements, on any run's final model
 
-Each run goes through train.py into runs/balance/gamma-<γ>; a finished run of the same arguments is reused. For both runs it prints MaxVio ([LF] Eq. 4: max over experts of load/mean - 1, averaged over the MoE
-layers):
+Each run goes through train.py into runs/balance/gamma-<γ>; a finished run of the same config is reused. For both
+runs it prints MaxVio ([LF] Eq. 4: max over experts of load/mean - 1, averaged over the MoE layers):
 - MaxVio_global at the end of the run (final.json) over the whole held-out pre-training text, and over the held-out
   SFT pairs, the data the biases were last balanced on; and at the end of each stage (train.py's evaluations);
 - the training stream's own balance: loads summed over the last 100 pre-training steps. The sign rule balances the

@@ -2,22 +2,24 @@
 
     python bench/fp8_vs_bf16.py                                     # configs/tiny.toml, 1000 pre-training steps
     python bench/fp8_vs_bf16.py configs/tiny.toml --train.pretrain_steps=300 --train.batch_size=8
-    python bench/fp8_vs_bf16.py --precision-floor                  # and bf16's own sensitivity to rounding
+    python bench/fp8_vs_bf16.py --precision-floor                   # and bf16's own sensitivity to rounding
     python bench/fp8_vs_bf16.py --train.seed=1 --precision-floor    # another seed: runs/fp8_vs_bf16/*-seed1
     python bench/fp8_vs_bf16.py --seed-floor                        # and bf16 with the next seed
 
 Trains the same config, seed and data twice through train.py (pre-training only), once with `--model.fp8=true`
 and once as configured (bf16 matmul inputs with float32 accumulation in tiny.toml: the project's high-precision
-setting), into runs/fp8_vs_bf16/{fp8,bf16}; finished runs are reused. Prints the relative loss error
-(L_fp8 - L_bf16) / L_bf16 along the run, both losses smoothed by an EMA with coefficient 0.9 as the report's Figure
-10, its maximum after warmup (the report's target: below 0.25 %), the relative error of the validation loss at each
-evaluation (every 50 steps by default), and the ratio of median step times.
+setting), into runs/fp8_vs_bf16/{fp8,bf16} (f32 for the precision floor; other seeds add -seed<N>); a finished run
+of the same config is reused. Prints the relative loss error (L_fp8 - L_bf16) / L_bf16 along the run, both losses
+smoothed by an EMA with coefficient 0.9 as the report's Figure 10, its maximum after warmup (the report's target:
+below 0.25 %), the relative error of the validation loss at each evaluation (every 50 steps by default), and the
+ratio of median step times.
 
 Two yardsticks say how large a deviation a small run shows without FP8:
-- `--precision-floor` trains the same run with float32 matmul inputs (`--model.dtype=float32`): every product more
-  precise than bf16's, same seed, same batches, so its training loss is compared step by step exactly as FP8's is.
-  Whatever it moves the loss by is how strongly this run amplifies a change of rounding alone: while tiny.toml's loss
-  falls fast (the first few hundred steps at lr 3e-3), that is more than the report's 0.25 % (README, "FP8").
+- `--precision-floor` trains the same run with float32 inputs to every Linear and expert matmul
+  (`--model.dtype=float32`; the attention core is float32 in all runs): more precise than bf16, same seed, same
+  batches, so its training loss is compared step by step exactly as FP8's is. Whatever it moves the loss by is how
+  strongly this run amplifies a change of rounding alone: while tiny.toml's loss falls fast (the first few hundred
+  steps at lr 3e-3), that is more than the report's 0.25 % (README, "FP8").
 - `--seed-floor` trains bf16 with the next seed (another initialization and data order); its validation loss differs
   from the first by the run-to-run spread of the baseline itself.
 NOTE: on a CPU the FP8 path is slower, not faster: it emulates E4M3 rounding and a 13-bit accumulator in float32.
@@ -52,9 +54,10 @@ def option(argv: list[str], key: str, default: str) -> str:
 
 
 def summarize(name: str, rel: list[float], warmup: int) -> str:
+    """One line: max and mean of |relative error| after warmup, and the signed final value."""
     after = [abs(r) for r in rel[warmup:]] or [float("nan")]
     return (f"  {name:<16} max {100 * max(after):.3f} %, mean {100 * statistics.mean(after):.3f} %, "
-            f"final {100 * rel[-1]:+.3f} %")  # fmt: skip
+            f"final (signed) {100 * rel[-1]:+.3f} %")  # fmt: skip
 
 
 def main() -> None:
@@ -83,7 +86,7 @@ def main() -> None:
     for name, r in rel.items():
         print(summarize(name, r, warmup))
     if precision_floor:
-        print("  (float32 is the same run with every matmul more precise than bf16, not less: whatever it moves the\n"
+        print("  (float32 is the same run with the matmuls more precise than bf16, not less: whatever it moves the\n"
               "   loss by is this run's sensitivity to rounding alone, the yardstick for FP8's deviation)")  # fmt: skip
     print("\nvalidation loss against bf16 at each evaluation (the same held-out batches, no smoothing):")
     evals = {name: e for name, (_, e) in others.items()}

@@ -1,5 +1,5 @@
-"""The benches' run reuse (bench/train_once.py): a finished run folder stands in for a new run only when train.py
-would resolve both argument lists to the same run."""
+"""The benches' run reuse (bench/train_once.py): a finished run folder stands in for a new run only when the
+arguments resolve to the config it was trained with."""
 
 import json
 import sys
@@ -8,36 +8,55 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from train_once import train_once
+import train_once as bench_runs
+
+TINY = str(bench_runs.ROOT / "configs" / "tiny.toml")
+TRAINED = [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.learning_rate=3e-3"]
 
 
-def finished_run(tmp_path: Path, args: list[str]) -> Path:
+@pytest.fixture
+def finished_run(tmp_path, monkeypatch) -> Path:
+    """A run folder as train.py leaves it at the end of a run of TRAINED; training anew fails the test."""
     out = tmp_path / "run"
     out.mkdir()
+    (out / "config.json").write_text(json.dumps(bench_runs.resolved_config([*TRAINED, f"--train.out_dir={out}"])))
     (out / "final.json").write_text("{}")
-    (out / "bench_args.json").write_text(json.dumps(args))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("train.py was started for a run that is already finished")
+
+    monkeypatch.setattr(bench_runs.subprocess, "run", no_training)
     return out
-
-
-def test_the_same_run_with_reordered_overrides_is_reused(tmp_path):
-    asked = ["configs/tiny.toml", "--train.seed=1", "--train.pretrain_steps=1000", "--model.fp8=false"]
-    out = finished_run(
-        tmp_path, ["configs/tiny.toml", "--train.pretrain_steps=1000", "--model.fp8=false", "--train.seed=1"]
-    )
-    assert train_once(out, asked) == out  # no training: it would fail here, there is no corpus cache in tmp_path
 
 
 @pytest.mark.parametrize(
     "asked",
     [
-        ["configs/tiny.toml", "--train.pretrain_steps=500", "--model.fp8=false"],  # another value
-        ["configs/tiny.toml", "--train.pretrain_steps=1000"],  # an override missing
-        ["configs/small.toml", "--train.pretrain_steps=1000", "--model.fp8=false"],  # another config
-        ["configs/tiny.toml", "--train.pretrain_steps=1000", "--model.fp8=false", "--model.fp8=true"],  # last wins
+        [TINY, "--train.learning_rate=3e-3", "--model.fp8=true", "--train.pretrain_steps=1000"],  # reordered
+        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.learning_rate=0.003"],  # same number
+        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.seed=0"],  # a default spelled out
     ],
 )
-def test_a_finished_run_of_other_arguments_is_refused(tmp_path, asked):
-    out = finished_run(tmp_path, ["configs/tiny.toml", "--train.pretrain_steps=1000", "--model.fp8=false"])
-    with pytest.raises(SystemExit, match="trained with other arguments"):
-        train_once(out, asked)
-    assert json.loads((out / "bench_args.json").read_text())[1] == "--train.pretrain_steps=1000"  # left as it was
+def test_the_same_run_asked_for_differently_is_reused(finished_run, asked):
+    assert bench_runs.train_once(finished_run, asked) == finished_run
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        [TINY, "--train.pretrain_steps=500", "--model.fp8=true"],  # another value
+        [TINY, "--train.pretrain_steps=1000"],  # an override left out: FP8 off
+        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--model.fp8=false"],  # the last value wins
+        [str(bench_runs.ROOT / "configs" / "small.toml"), "--train.pretrain_steps=1000", "--model.fp8=true"],
+    ],
+)
+def test_a_finished_run_of_another_config_is_refused(finished_run, asked):
+    before = (finished_run / "config.json").read_text()
+    with pytest.raises(SystemExit, match="trained with another config"):
+        bench_runs.train_once(finished_run, asked)
+    assert (finished_run / "config.json").read_text() == before  # nothing overwritten
+
+
+def test_bad_arguments_are_a_one_line_error(finished_run):
+    with pytest.raises(SystemExit, match="error: .*unknown key"):
+        bench_runs.train_once(finished_run, [TINY, "--train.no_such_field=1"])
