@@ -29,7 +29,7 @@ import json
 import statistics
 import sys
 
-from train_once import ROOT, train_once
+from train_once import ROOT, resolved_config, train_once
 
 
 def run(config: str, overrides: list[str], name: str, extra: list[str]) -> tuple[list[dict], list[dict]]:
@@ -48,11 +48,6 @@ def ema(values: list[float], coefficient: float = 0.9) -> list[float]:
     return out
 
 
-def option(argv: list[str], key: str, default: str) -> str:
-    """The last `--key=value` in argv (the one train.py uses), else default."""
-    return next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith(f"--{key}=")), default)
-
-
 def summarize(name: str, rel: list[float], warmup: int) -> str:
     """One line: max and mean of |relative error| after warmup, and the signed final value."""
     after = [abs(r) for r in rel[warmup:]] or [float("nan")]
@@ -69,13 +64,13 @@ def main() -> None:
         argv.append("--train.pretrain_steps=1000")
     if not any(a.startswith("--train.eval_every=") for a in argv):
         argv.append("--train.eval_every=50")
-    seed = int(option(argv, "train.seed", "0"))
+    train = resolved_config([config, *argv])["train"]
+    seed, warmup = train["seed"], train["warmup_steps"]
     suffix = f"-seed{seed}" if seed else ""  # runs of other seeds live beside seed 0's: bf16-seed1, fp8-seed1, ...
     hi, hi_eval = run(config, argv, "bf16" + suffix, ["--model.fp8=false"])
     others = {"fp8": run(config, argv, "fp8" + suffix, ["--model.fp8=true"])}
     if precision_floor:
         others["float32"] = run(config, argv, "f32" + suffix, ["--model.fp8=false", "--model.dtype=float32"])
-    warmup = int(option(argv, "train.warmup_steps", "0")) or 50
     loss_hi = ema([r["loss"] for r in hi])
     rel = {name: [(b - a) / a for a, b in zip(loss_hi, ema([r["loss"] for r in steps]))]
            for name, (steps, _) in others.items()}  # fmt: skip
