@@ -13,11 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolved_config(args: list[str]) -> dict:
-    """The config train.py would run for ARGS ([CONFIG] --section.field=value ...), as its run folder's config.json
-    stores it: overrides in any order, numbers however written, defaults given or not, all resolve alike."""
-    path, overrides = (
-        (args[0], args[1:]) if args and not args[0].startswith("--") else (ROOT / "configs/tiny.toml", args)
-    )
+    """The config train.py would run for ARGS (CONFIG --section.field=value ...; the benches always name the config),
+    as its run folder's config.json stores it: overrides in any order, numbers however written, defaults given or not,
+    all resolve alike."""
+    path, *overrides = args
     try:
         return json.loads(json.dumps(config.to_dict(config.load(path, overrides))))  # tuples -> lists, as stored
     except config.ConfigError as e:
