@@ -71,7 +71,10 @@ def held_out_mix(out: Path, seeds: tuple[int, ...] = (0, 1, 2), windows: int = 2
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["--held-out"] and len(argv) == 2:
-        held_out_mix(Path(argv[1]).absolute())
+        out = Path(argv[1]).absolute()
+        if not (out / "final.json").exists():
+            sys.exit(f"error: {out} holds no finished run (no final.json); give the folder of a run train.py finished")
+        held_out_mix(out)
         return
     config_path = argv.pop(0) if argv and not argv[0].startswith("--") else str(ROOT / "configs" / "tiny.toml")
     configured = run(config_path, argv, None)
