@@ -32,9 +32,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def mean_maxvio(ev: dict) -> str:
-    """An evaluation's MaxVio_global averaged over the MoE layers, as [LF] reports it."""
-    return f"{np.mean(ev['maxvio_global']) if ev['maxvio_global'] else 0:.3f}"
+def mean_maxvio(ev: dict, per_layer: bool = False) -> str:
+    """An evaluation's MaxVio_global averaged over the MoE layers, as [LF] reports it, and its layers' own values."""
+    layers = ev["maxvio_global"]
+    if not layers:  # first_k_dense_replace = num_hidden_layers: nothing is routed
+        return "n/a (no MoE layer)"
+    per = f" (per MoE layer: {', '.join(f'{v:.3f}' for v in layers)})" if per_layer else ""
+    return f"{np.mean(layers):.3f}{per}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,8 +266,7 @@ if t.sft_steps:  # post-training is the last stage
 (run_dir / "final.json").write_text(json.dumps(final, indent=2))
 print(
     f"final validation loss {final['val_loss']:.3f} nats/token vs the corpus's unigram entropy {entropy:.3f}"
-    f" nats/token; MaxVio_global {mean_maxvio(final)} (per MoE layer:"
-    f" {', '.join(f'{v:.3f}' for v in final['maxvio_global'])})"
+    f" nats/token; MaxVio_global {mean_maxvio(final, per_layer=True)}"
     + (f"; on the held-out SFT pairs: loss {final['sft']['val_loss']:.3f}, MaxVio {mean_maxvio(final['sft'])}"
        if "sft" in final else "")
 )  # fmt: skip

@@ -1,14 +1,21 @@
-"""The benches' run reuse (bench/train_once.py): a finished run folder stands in for a new run only when the
-arguments resolve to the config it was trained with."""
+"""The benches' own logic: run reuse (bench/train_once.py), where a finished run folder stands in for a new run
+only when the arguments resolve to the config it was trained with; and bench/balance.py's per-file expert loads."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import balance
 import train_once as bench_runs
+
+from minidsv3 import data
+from minidsv3.model import Transformer
 
 TINY = str(bench_runs.ROOT / "configs" / "tiny.toml")
 TRAINED = [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.learning_rate=3e-3"]
@@ -60,3 +67,23 @@ def test_a_finished_run_of_another_config_is_refused(finished_run, asked):
 def test_bad_arguments_are_a_one_line_error(finished_run):
     with pytest.raises(SystemExit, match="error: .*unknown key"):
         bench_runs.train_once(finished_run, [TINY, "--train.no_such_field=1"])
+
+
+def test_file_loads_count_each_file_alone(cfg, tmp_path):
+    """Every token of a file is counted top-k times per MoE layer and the padding never; the loads are the model's
+    on that file read alone, whichever batches its windows fall in."""
+    docs = [data.Document(f"f{i}.py", f"def f{i}(x):\n    return x + {i}\n" * (1 + 12 * i)) for i in range(3)]
+    tokenizer = data.load_or_train_tokenizer(docs, 300, tmp_path)
+    model = Transformer(dataclasses.replace(cfg, vocab_size=300), rngs=nnx.Rngs(0))
+    T = 8
+    loads = balance.file_loads(model, tokenizer, docs, T, rows=4)  # (F, L_moe, E)
+    for doc, got in zip(docs, loads, strict=True):
+        ids = data.encode_documents([doc], tokenizer)  # (n,)
+        assert np.all(got.sum(-1) == cfg.num_experts_per_tok * len(ids))  # per layer; rows pad to 4 windows of 8
+        n_win = -(-len(ids) // T)
+        inputs = np.zeros(n_win * T, np.int32)
+        inputs[: len(ids)] = ids
+        mask = (np.arange(n_win * T) < len(ids)).astype(np.float32)
+        _, aux = model(inputs.reshape(n_win, T), token_mask=mask.reshape(n_win, T))  # the file in one batch
+        np.testing.assert_array_equal(got, np.asarray(aux["expert_load"]))
+    assert len(data.encode_documents(docs[-1:], tokenizer)) > 4 * T  # the last file spans several batches
