@@ -4,8 +4,9 @@
     python bench/balance.py configs/tiny.toml --train.pretrain_steps=200
     python bench/balance.py --held-out RUN_DIR    # only the held-out-mix measurements, on any run's final model
 
-Each run goes through train.py into runs/balance/gamma-<γ>; a finished run of the same config is reused. For both
-runs it prints MaxVio ([LF] Eq. 4: max over experts of load/mean - 1, averaged over the MoE layers):
+Each run goes through train.py into runs/balance/gamma-<γ>-<config key>; a finished run of the same config is
+reused, and runs of other configs live beside it. For both runs it prints MaxVio ([LF] Eq. 4: max over experts of
+load/mean - 1, averaged over the MoE layers):
 - MaxVio_global at the end of the run (final.json) over the whole held-out pre-training text, and over the held-out
   SFT pairs, the data the biases were last balanced on; and at the end of each stage (train.py's evaluations);
 - the training stream's own balance: loads summed over the last 100 pre-training steps. The sign rule balances the
@@ -37,7 +38,7 @@ from minidsv3.generate import load_run
 def run(config_path: str, overrides: list[str], gamma: float | None) -> Path:
     name = "configured" if gamma is None else f"{gamma:g}"
     extra = [] if gamma is None else [f"--train.bias_update_speed={gamma}"]
-    return train_once(ROOT / "runs" / "balance" / f"gamma-{name}", [config_path, *overrides, *extra])
+    return train_once(ROOT / "runs" / "balance", f"gamma-{name}", [config_path, *overrides, *extra])
 
 
 def summary(out: Path) -> dict:

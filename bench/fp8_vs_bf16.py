@@ -3,16 +3,16 @@
     python bench/fp8_vs_bf16.py                                     # configs/tiny.toml, 1000 pre-training steps
     python bench/fp8_vs_bf16.py configs/tiny.toml --train.pretrain_steps=300 --train.batch_size=8
     python bench/fp8_vs_bf16.py --precision-floor                   # and bf16's own sensitivity to rounding
-    python bench/fp8_vs_bf16.py --train.seed=1 --precision-floor    # another seed: runs/fp8_vs_bf16/*-seed1
+    python bench/fp8_vs_bf16.py --train.seed=1 --precision-floor    # the same with another seed
     python bench/fp8_vs_bf16.py --seed-floor                        # and bf16 with the next seed
 
 Trains the same config, seed and data twice through train.py (pre-training only), once with `--model.fp8=true`
 and once as configured (bf16 matmul inputs with float32 accumulation in tiny.toml: the project's high-precision
-setting), into runs/fp8_vs_bf16/{fp8,bf16} (f32 for the precision floor; other seeds add -seed<N>); a finished run
-of the same config is reused. Prints the relative loss error (L_fp8 - L_bf16) / L_bf16 along the run, both losses
-smoothed by an EMA with coefficient 0.9 as the report's Figure 10, its maximum after warmup (the report's target:
-below 0.25 %), the relative error of the validation loss at each evaluation (every 50 steps by default), and the
-ratio of median step times.
+setting), into runs/fp8_vs_bf16/{fp8,bf16}-<config key> (f32 for the precision floor); a finished run of the
+same config is reused, and runs of other configs or seeds live beside it. Prints the relative loss error
+(L_fp8 - L_bf16) / L_bf16 along the run, both losses smoothed by an EMA with coefficient 0.9 as the report's
+Figure 10, its maximum after warmup (the report's target: below 0.25 %), the relative error of the validation loss
+at each evaluation (every 50 steps by default), and the ratio of median step times.
 
 Two yardsticks say how large a deviation a small run shows without FP8:
 - `--precision-floor` trains the same run with float32 inputs to every Linear and expert matmul
@@ -33,9 +33,9 @@ from train_once import ROOT, resolved_config, train_once
 
 
 def run(config: str, overrides: list[str], name: str, extra: list[str]) -> tuple[list[dict], list[dict]]:
-    """Train runs/fp8_vs_bf16/<name> (pre-training only) unless finished; (step records, evaluation records)."""
+    """Train runs/fp8_vs_bf16/<name>-<key> (pre-training only) unless finished; (step records, evaluation records)."""
     stages = ["--train.context_steps=0", "--train.sft_steps=0", "--train.sample_tokens=0"]
-    out = train_once(ROOT / "runs" / "fp8_vs_bf16" / name, [config, *overrides, *extra, *stages])
+    out = train_once(ROOT / "runs" / "fp8_vs_bf16", name, [config, *overrides, *extra, *stages])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if not r.get("eval")], [r for r in records if r.get("eval")]
 
@@ -66,11 +66,10 @@ def main() -> None:
         argv.append("--train.eval_every=50")
     train = resolved_config([config, *argv])["train"]
     seed, warmup = train["seed"], train["warmup_steps"]
-    suffix = f"-seed{seed}" if seed else ""  # runs of other seeds live beside seed 0's: bf16-seed1, fp8-seed1, ...
-    hi, hi_eval = run(config, argv, "bf16" + suffix, ["--model.fp8=false"])
-    others = {"fp8": run(config, argv, "fp8" + suffix, ["--model.fp8=true"])}
+    hi, hi_eval = run(config, argv, "bf16", ["--model.fp8=false"])
+    others = {"fp8": run(config, argv, "fp8", ["--model.fp8=true"])}
     if precision_floor:
-        others["float32"] = run(config, argv, "f32" + suffix, ["--model.fp8=false", "--model.dtype=float32"])
+        others["float32"] = run(config, argv, "f32", ["--model.fp8=false", "--model.dtype=float32"])
     loss_hi = ema([r["loss"] for r in hi])
     rel = {name: [(b - a) / a for a, b in zip(loss_hi, ema([r["loss"] for r in steps]))]
            for name, (steps, _) in others.items()}  # fmt: skip
@@ -86,9 +85,9 @@ def main() -> None:
     print("\nvalidation loss against bf16 at each evaluation (the same held-out batches, no smoothing):")
     evals = {name: e for name, (_, e) in others.items()}
     if seed_floor:
-        evals[f"bf16, seed {seed + 1}"] = run(
-            config, argv, f"bf16-seed{seed + 1}", ["--model.fp8=false", f"--train.seed={seed + 1}"]
-        )[1]
+        _, evals[f"bf16, seed {seed + 1}"] = run(
+            config, argv, "bf16", ["--model.fp8=false", f"--train.seed={seed + 1}"]
+        )
     for name, e in evals.items():
         val_rel = [(b["val_loss"] - a["val_loss"]) / a["val_loss"] for a, b in zip(hi_eval, e)]
         after_val = [abs(r) for a, r in zip(hi_eval, val_rel) if a["step"] > warmup] or [float("nan")]

@@ -1,7 +1,8 @@
-"""train.py runs for the benches, each trained once: a finished run folder is reused only when it was trained with
-the config these arguments resolve to, so that changing a bench's arguments (or the config file) can never print the
-figures of an older run."""
+"""train.py runs for the benches, each trained once, in a folder named after its config: a bench asked again with
+the same config reuses the finished run, and one asked with other arguments (or an edited config file) trains beside
+the older runs, so it can never print their figures nor overwrite them."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,13 +24,21 @@ def resolved_config(args: list[str]) -> dict:
         sys.exit(f"error: {e}")
 
 
-def train_once(out: Path, args: list[str]) -> Path:
-    """`python train.py ARGS --train.out_dir=OUT` unless OUT holds a finished run of the same config; returns OUT."""
-    args = [*args, f"--train.out_dir={out}"]
+def config_key(resolved: dict) -> str:
+    """Eight hex digits that name a resolved config, its run folder (train.out_dir) left out."""
+    without_folder = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "out_dir"}}
+    return hashlib.sha256(json.dumps(without_folder, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def train_once(parent: Path, name: str, args: list[str]) -> Path:
+    """`python train.py ARGS` into PARENT/NAME-<config key> unless that folder holds a finished run; returns it."""
+    resolved = resolved_config(args)
+    out = parent / f"{name}-{config_key(resolved)}"
     if (out / "final.json").exists():
-        if json.loads((out / "config.json").read_text()) == resolved_config(args):
-            return out
-        sys.exit(f"error: {out} holds a finished run trained with another config; delete it to train this one")
-    print(f"training {out.name} ...", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=True, stdout=subprocess.DEVNULL)
+        if config_key(json.loads((out / "config.json").read_text())) != config_key(resolved):
+            sys.exit(f"error: {out}/config.json is not the config this folder is named after; move the folder away")
+        return out
+    print(f"training {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} ...", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"--train.out_dir={out}"], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
     return out

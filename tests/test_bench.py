@@ -23,8 +23,9 @@ TRAINED = [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.lea
 
 @pytest.fixture
 def finished_run(tmp_path, monkeypatch) -> Path:
-    """A run folder as train.py leaves it at the end of a run of TRAINED; training anew fails the test."""
-    out = tmp_path / "run"
+    """A run folder as train.py leaves it at the end of a run of TRAINED, where train_once puts it; training a run
+    fails the test, and is recorded when allowed."""
+    out = tmp_path / f"fp8-{bench_runs.config_key(bench_runs.resolved_config(TRAINED))}"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(bench_runs.resolved_config([*TRAINED, f"--train.out_dir={out}"])))
     (out / "final.json").write_text("{}")
@@ -45,7 +46,7 @@ def finished_run(tmp_path, monkeypatch) -> Path:
     ],
 )
 def test_the_same_run_asked_for_differently_is_reused(finished_run, asked):
-    assert bench_runs.train_once(finished_run, asked) == finished_run
+    assert bench_runs.train_once(finished_run.parent, "fp8", asked) == finished_run
 
 
 @pytest.mark.parametrize(
@@ -57,16 +58,26 @@ def test_the_same_run_asked_for_differently_is_reused(finished_run, asked):
         [str(bench_runs.ROOT / "configs" / "small.toml"), "--train.pretrain_steps=1000", "--model.fp8=true"],
     ],
 )
-def test_a_finished_run_of_another_config_is_refused(finished_run, asked):
-    before = (finished_run / "config.json").read_text()
-    with pytest.raises(SystemExit, match="trained with another config"):
-        bench_runs.train_once(finished_run, asked)
-    assert (finished_run / "config.json").read_text() == before  # nothing overwritten
+def test_another_config_trains_in_its_own_folder_beside_the_finished_run(finished_run, asked, monkeypatch):
+    before = {f.name: f.read_text() for f in finished_run.iterdir()}
+    started = []
+    monkeypatch.setattr(bench_runs.subprocess, "run", lambda cmd, **kwargs: started.append(cmd))
+    out = bench_runs.train_once(finished_run.parent, "fp8", asked)
+    assert out != finished_run and out.parent == finished_run.parent and out.name.startswith("fp8-")
+    assert len(started) == 1 and started[0][-1] == f"--train.out_dir={out}"
+    assert {f.name: f.read_text() for f in finished_run.iterdir()} == before  # nothing overwritten
+
+
+def test_a_run_folder_whose_config_was_changed_is_refused(finished_run):
+    changed = bench_runs.resolved_config([*TRAINED, "--train.seed=7"])
+    (finished_run / "config.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="error: .*not the config this folder is named after"):
+        bench_runs.train_once(finished_run.parent, "fp8", TRAINED)
 
 
 def test_bad_arguments_are_a_one_line_error(finished_run):
     with pytest.raises(SystemExit, match="error: .*unknown key"):
-        bench_runs.train_once(finished_run, [TINY, "--train.no_such_field=1"])
+        bench_runs.train_once(finished_run.parent, "fp8", [TINY, "--train.no_such_field=1"])
 
 
 def test_file_loads_count_each_file_alone(cfg, tmp_path):
