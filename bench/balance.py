@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tokenizers import Tokenizer
 from tqdm import tqdm
 from train_once import ROOT, train_once
 
 from minidsv3 import config, data, moe
 from minidsv3.generate import load_run
+from minidsv3.model import Transformer
 
 
 def run(config_path: str, overrides: list[str], gamma: float | None) -> Path:
@@ -56,12 +58,14 @@ def summary(out: Path) -> dict:
 
 
 @nnx.jit
-def batch_loads(model, inputs: jax.Array, token_mask: jax.Array) -> jax.Array:
+def batch_loads(model: Transformer, inputs: jax.Array, token_mask: jax.Array) -> jax.Array:
     """inputs, token_mask (R, T) -> (L_moe, E): the expert loads of a batch of windows, padding left out."""
     return model(inputs, token_mask=token_mask)[1]["expert_load"]
 
 
-def file_loads(model, tokenizer, docs: list[data.Document], seq_len: int, rows: int = 32) -> np.ndarray:
+def file_loads(
+    model: Transformer, tokenizer: Tokenizer, docs: list[data.Document], seq_len: int, rows: int = 32
+) -> np.ndarray:
     """(F, L_moe, E): the expert loads of every file, each read on its own in windows of seq_len, `rows` windows per
     batch (the last batch of a file and the last window padded, and the padding kept out of the loads)."""
     per_file = []
@@ -93,17 +97,21 @@ def held_out_mix(out: Path, draws: int = 1000) -> None:
     if len(docs) < 2:
         print(f"\n{out.name}: a one-file corpus is split by lines, not files; there are no sets of files to compare")
         return
+    if cfg.model.num_moe_layers == 0:
+        print(f"\n{out.name}: MaxVio n/a (no MoE layer)")
+        return
     held = np.array(data.hold_out([d.name for d in docs], cfg.data.val_fraction, cfg.data.split_seed))  # (F,)
     print(f"\n{out.name}'s final model on each of the corpus's {len(docs)} files (one forward pass over the corpus):")
     loads = file_loads(model, tokenizer, docs, cfg.data.seq_len)  # (F, L_moe, E)
-    train_idx, k = np.flatnonzero(~held), int(held.sum())
+    train_idx = np.flatnonzero(~held)
+    k = min(int(held.sum()), len(train_idx))  # as many training files as held-out ones, where there are enough
     rng = np.random.default_rng(0)
 
     def drawn(pool: np.ndarray, size: int) -> np.ndarray:  # (draws,) MaxVio_global of random sets of files
         return np.array([maxvio(loads[rng.choice(pool, size, replace=False)]) for _ in range(draws)])
 
     sampled, val = drawn(train_idx, k), maxvio(loads[held])
-    print(f"  the {k} held-out files:   MaxVio_global {val:.3f}")
+    print(f"  the {int(held.sum())} held-out files:   MaxVio_global {val:.3f}")
     print(f"  all {len(train_idx)} training files:  MaxVio_global {maxvio(loads[train_idx]):.3f}")
     print(f"  {k} training files drawn at random ({draws} draws): median {np.median(sampled):.3f}, 10-90 % "
           f"{np.quantile(sampled, 0.1):.3f}-{np.quantile(sampled, 0.9):.3f}; the held-out files are above "

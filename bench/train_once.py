@@ -25,13 +25,23 @@ def resolved_config(args: list[str]) -> dict:
 
 
 def config_key(resolved: dict) -> str:
-    """Eight hex digits that name a resolved config, its run folder (train.out_dir) left out."""
-    without_folder = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "out_dir"}}
-    return hashlib.sha256(json.dumps(without_folder, sort_keys=True).encode()).hexdigest()[:8]
+    """Eight hex digits that name a resolved config. Left out: the run folder (train.out_dir), which is named after
+    the key, and where to stop (train.stop_after_steps), which train.py lets a run's continuation change too. A new
+    config field changes every key: runs trained before it are then trained anew, never mistaken for the new ones."""
+    train = {k: v for k, v in resolved["train"].items() if k not in ("out_dir", "stop_after_steps")}
+    return hashlib.sha256(json.dumps({**resolved, "train": train}, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def with_absolute_paths(args: list[str]) -> list[str]:
+    """ARGS with the corpus, SFT-pair and cache paths made absolute, so that a key names the same files whichever
+    folder the bench is started from."""
+    data = resolved_config(args)["data"]
+    return [*args, *(f"--data.{k}={Path(data[k]).absolute()}" for k in ("path", "sft_path", "cache_dir") if data[k])]
 
 
 def train_once(parent: Path, name: str, args: list[str]) -> Path:
     """`python train.py ARGS` into PARENT/NAME-<config key> unless that folder holds a finished run; returns it."""
+    args = with_absolute_paths(args)
     resolved = resolved_config(args)
     out = parent / f"{name}-{config_key(resolved)}"
     if (out / "final.json").exists():

@@ -68,6 +68,18 @@ def test_another_config_trains_in_its_own_folder_beside_the_finished_run(finishe
     assert {f.name: f.read_text() for f in finished_run.iterdir()} == before  # nothing overwritten
 
 
+def test_paths_name_the_same_files_from_any_folder_and_where_to_stop_is_not_part_of_the_key(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    monkeypatch.chdir(tmp_path)
+    relative = bench_runs.with_absolute_paths([TINY, "--data.path=corpus"])
+    assert bench_runs.resolved_config(relative)["data"]["path"] == str(corpus)
+    key = bench_runs.config_key(bench_runs.resolved_config(relative))
+    assert bench_runs.config_key(bench_runs.resolved_config([TINY, f"--data.path={corpus}"])) == key
+    stopping = bench_runs.resolved_config([*relative, "--train.stop_after_steps=10"])
+    assert bench_runs.config_key(stopping) == key  # a run stopped early is continued, as train.py does
+    assert bench_runs.config_key(bench_runs.resolved_config([*relative, "--train.seed=1"])) != key
+
+
 def test_a_run_folder_whose_config_was_changed_is_refused(finished_run):
     changed = bench_runs.resolved_config([*TRAINED, "--train.seed=7"])
     (finished_run / "config.json").write_text(json.dumps(changed))
@@ -87,6 +99,7 @@ def test_file_loads_count_each_file_alone(cfg, tmp_path):
     tokenizer = data.load_or_train_tokenizer(docs, 300, tmp_path)
     model = Transformer(dataclasses.replace(cfg, vocab_size=300), rngs=nnx.Rngs(0))
     T = 8
+    assert len(data.encode_documents(docs[-1:], tokenizer)) > 4 * T  # the last file spans several batches of 4
     loads = balance.file_loads(model, tokenizer, docs, T, rows=4)  # (F, L_moe, E)
     for doc, got in zip(docs, loads, strict=True):
         ids = data.encode_documents([doc], tokenizer)  # (n,)
@@ -97,4 +110,16 @@ def test_file_loads_count_each_file_alone(cfg, tmp_path):
         mask = (np.arange(n_win * T) < len(ids)).astype(np.float32)
         _, aux = model(inputs.reshape(n_win, T), token_mask=mask.reshape(n_win, T))  # the file in one batch
         np.testing.assert_array_equal(got, np.asarray(aux["expert_load"]))
-    assert len(data.encode_documents(docs[-1:], tokenizer)) > 4 * T  # the last file spans several batches
+
+
+def test_maxvio_pools_the_files_then_averages_the_layers():
+    loads = np.array([[[3, 1], [2, 2]], [[1, 1], [0, 4]]], float)  # (F=2, L_moe=2, E=2)
+    # pooled: layer 0 [4, 2] -> (4 - 3) / 3; layer 1 [2, 6] -> (6 - 4) / 4
+    assert balance.maxvio(loads) == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_the_held_out_files_are_those_train_py_holds_out():
+    docs = [data.Document(f"pkg/mod{i}.py", f"x = {i}\n") for i in range(60)]
+    held = data.hold_out([d.name for d in docs], 0.1, 3)
+    _, val = data.split_documents(docs, 0.1, 3)
+    assert [d.name for d, h in zip(docs, held, strict=True) if h] == [d.name for d in val]
