@@ -217,7 +217,7 @@ for st in stages:
         stage_steps += 1
         step += 1
         load = np.asarray(out["expert_load"])  # (L_moe, E)
-        maxvio_batch = float(out["maxvio_batch"]) if load.size else 0.0
+        maxvio_batch = float(out["maxvio_batch"]) if load.size else None  # None: no MoE layer routes anything
         biases = [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)]
         lr = float(schedules.learning_rate(step - 1, t))
         log({"step": step, "stage": st["name"], "loss": loss, "mtp_loss": float(out["mtp_loss"]),
@@ -225,7 +225,8 @@ for st in stages:
              "gamma": gamma, "mtp_lambda": lam, "tokens": tokens, "seconds": seconds, "maxvio_batch": maxvio_batch,
              "expert_load": load.tolist(), "router_bias": biases})  # fmt: skip
         tok_s = stage_tokens / stage_seconds if stage_seconds else 0.0
-        bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e} {tok_s:,.0f} tok/s MaxVio {maxvio_batch:.2f}")
+        shown = f" MaxVio {maxvio_batch:.2f}" if maxvio_batch is not None else ""
+        bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e} {tok_s:,.0f} tok/s{shown}")
         bar.update(1)
         if step % t.eval_every == 0 or step == stage_end:
             ev = evaluate(model, st["val"])
