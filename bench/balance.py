@@ -1,23 +1,27 @@
 """Does aux-loss-free balancing do its job? The same run with γ as configured and with γ = 0, side by side.
 
-    python bench/balance.py                       # configs/tiny.toml, the default run, twice (~20 min on 2 cores)
+    python bench/balance.py                       # configs/tiny.toml: the default run, with γ = 0, and the default
+                                                  # run's pre-training alone (~30 min on 2 cores)
     python bench/balance.py configs/tiny.toml --train.pretrain_steps=200
     python bench/balance.py --held-out RUN_DIR    # only the held-out-mix measurements, on any run's final model
 
-Each run goes through train.py into runs/balance/gamma-<γ>-<config key>; a finished run of the same config is
-reused, and runs of other configs live beside it. For both runs it prints MaxVio ([LF] Eq. 4: max over experts of
-load/mean - 1, averaged over the MoE layers):
+Each run goes through train.py into runs/balance/gamma-<γ>[-pretrain-only]-<config key>; a finished run of the same
+config is reused, and runs of other configs live beside it. For each run it prints MaxVio ([LF] Eq. 4: max over
+experts of load/mean - 1, averaged over the MoE layers):
 - MaxVio_global at the end of the run (final.json) over the whole held-out pre-training text, and over the held-out
   SFT pairs, the data the biases were last balanced on; and at the end of each stage (train.py's evaluations);
 - the training stream's own balance: loads summed over the last 100 pre-training steps. The sign rule balances the
   loads it sees, so this is where it is closest to perfect; the validation figure adds the drift of the bias around
   its equilibrium at the moment of measurement and the difference between the held-out files' mix and training's.
+The third run stops where pre-training ends, with the biases still balanced for the corpus; after SFT they follow
+SFT's data instead.
 
 Then it asks how much of the validation figure is which files are held out. Experts specialize by content, and
-a few large files (codec tables, pydoc's topic texts) can make up a good share of a 5 % split. The configured run's
-final model reads every file of the corpus once, and its MaxVio_global is printed on the held-out files, on all the
-training files, and on random sets of training files as many as the held-out ones: if the held-out figure is typical
-of those sets, it measures the small sample of files, not routing that fails to carry over to unseen text.
+a few large files (codec tables, pydoc's topic texts) can make up a good share of a 5 % split. The model at the end
+of pre-training, then the final one, reads every file of the corpus once, and its MaxVio_global is printed on the
+held-out files, on all the training files, and on random sets of training files as many as the held-out ones: if
+the held-out figure is typical of those sets, it measures the small sample of files, not routing that fails to
+carry over to unseen text.
 """
 
 import json
@@ -30,17 +34,19 @@ import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 from tqdm import tqdm
-from train_once import ROOT, train_once
+from train_once import ROOT, resolved_config, train_once
 
 from minidsv3 import config, data, moe
 from minidsv3.generate import load_run
 from minidsv3.model import Transformer
 
 
-def run(config_path: str, overrides: list[str], gamma: float | None) -> Path:
-    name = "configured" if gamma is None else f"{gamma:g}"
+def run(config_path: str, overrides: list[str], gamma: float | None, pretrain_only: bool = False) -> Path:
+    name = "gamma-" + ("configured" if gamma is None else f"{gamma:g}")
     extra = [] if gamma is None else [f"--train.bias_update_speed={gamma}"]
-    return train_once(ROOT / "runs" / "balance", f"gamma-{name}", [config_path, *overrides, *extra])
+    if pretrain_only:
+        name, extra = f"{name}-pretrain-only", [*extra, "--train.context_steps=0", "--train.sft_steps=0"]
+    return train_once(ROOT / "runs" / "balance", name, [config_path, *overrides, *extra])
 
 
 def summary(out: Path) -> dict:
@@ -137,20 +143,31 @@ def main() -> None:
     config_path = argv.pop(0) if argv and not argv[0].startswith("--") else str(ROOT / "configs" / "tiny.toml")
     configured = run(config_path, argv, None)
     runs = {"γ as configured": summary(configured), "γ = 0 (no balancing)": summary(run(config_path, argv, 0.0))}
+    train = resolved_config([config_path, *argv])["train"]
+    pretrained = configured
+    if train["context_steps"] or train["sft_steps"]:  # the same run stopped where pre-training ends
+        pretrained = run(config_path, argv, None, pretrain_only=True)
+        runs["γ as configured, pre-training"] = summary(pretrained)
     stages = list(next(iter(runs.values()))["stages"])
-    print(f"\n{'MaxVio':<22} {'val loss':>9} {'final':>7}   per MoE layer        {'SFT pairs':>9}  "
+    print(f"\n{'MaxVio':<30} {'val loss':>9} {'final':>7}   per MoE layer        {'SFT pairs':>9}  "
           f"{'  '.join(f'{s:>8}' for s in stages)}  {'train, last 100 steps':>21}")  # fmt: skip
+
+    def cell(v: float, width: int) -> str:  # — = the run has no such stage
+        return f"{'—' if np.isnan(v) else f'{v:.3f}':>{width}}"
+
     for label, r in runs.items():
         mv = r["final"]
         layers = ", ".join(f"{v:.3f}" for v in mv)
-        ends = "  ".join(f"{r['stages'].get(s, float('nan')):>8.3f}" for s in stages)
+        ends = "  ".join(cell(r["stages"].get(s, float("nan")), 8) for s in stages)
         print(
-            f"{label:<22} {r['val_loss']:>9.3f} {np.mean(mv):>7.3f}   {layers:<20} {r['final_sft']:>9.3f}  {ends}"
+            f"{label:<30} {r['val_loss']:>9.3f} {np.mean(mv):>7.3f}   {layers:<20} {cell(r['final_sft'], 9)}  {ends}"
             f"  {r['train_pooled']:>21.3f}"
         )
     print("\nfinal: MaxVio_global over the whole held-out pre-training text at the end of the run; SFT pairs: over the")
     print("held-out SFT pairs at the end; stage columns: at the end of each stage, on its 8 validation batches.")
-    held_out_mix(configured)
+    held_out_mix(pretrained)
+    if pretrained != configured:
+        held_out_mix(configured)
 
 
 if __name__ == "__main__":
