@@ -62,17 +62,12 @@ config_file = run_dir / "config.json"
 resolved = config.to_dict(cfg)
 
 
-def run_defining(tables: dict) -> dict:
-    """The config minus what may change between a run and its continuation (where to stop)."""
-    return {**tables, "train": {k: v for k, v in tables["train"].items() if k != "stop_after_steps"}}
-
-
 if config_file.exists():
     try:
         previous = json.loads(config_file.read_text())
     except json.JSONDecodeError:
         fail(f"{config_file}: is not valid JSON; delete the run folder or choose another --train.out_dir")
-    if run_defining(previous) != run_defining(json.loads(json.dumps(resolved))):
+    if config.run_defining(previous) != config.run_defining(json.loads(json.dumps(resolved))):
         fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
 else:
     config_file.write_text(json.dumps(resolved, indent=2))

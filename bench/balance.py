@@ -82,8 +82,8 @@ def file_loads(
         inputs[: len(ids)] = ids
         mask = (np.arange(n_rows * seq_len) < len(ids)).astype(np.float32)  # (n_rows·T,)
         inputs, mask = inputs.reshape(n_rows, seq_len), mask.reshape(n_rows, seq_len)  # (n_rows, T)
-        batches = [batch_loads(model, inputs[i : i + rows], mask[i : i + rows]) for i in range(0, n_rows, rows)]
-        per_file.append(np.sum([np.asarray(b) for b in batches], axis=0))  # (L_moe, E)
+        per_file.append(sum(np.asarray(batch_loads(model, inputs[i : i + rows], mask[i : i + rows]))
+                            for i in range(0, n_rows, rows)))  # fmt: skip  # (L_moe, E)
     return np.stack(per_file)  # (F, L_moe, E)
 
 

@@ -28,8 +28,8 @@ def config_key(resolved: dict) -> str:
     """Eight hex digits that name a resolved config. Left out: the run folder (train.out_dir), which is named after
     the key, and where to stop (train.stop_after_steps), which train.py lets a run's continuation change too. A new
     config field changes every key: runs trained before it are then trained anew, never mistaken for the new ones."""
-    train = {k: v for k, v in resolved["train"].items() if k not in ("out_dir", "stop_after_steps")}
-    return hashlib.sha256(json.dumps({**resolved, "train": train}, sort_keys=True).encode()).hexdigest()[:8]
+    defining = config.run_defining(resolved, without=("out_dir", "stop_after_steps"))
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def with_absolute_paths(args: list[str]) -> list[str]:

@@ -304,6 +304,12 @@ def from_dict(tables: dict) -> Config:
     return validate(Config(**{k: _check_type(v, hints[k], k) for k, v in tables.items()}))
 
 
+def run_defining(tables: dict, without: tuple[str, ...] = ("stop_after_steps",)) -> dict:
+    """A config dict (as config.json stores it) minus the train fields that do not define the run: by default where
+    to stop, which a run's continuation may change."""
+    return {**tables, "train": {k: v for k, v in tables["train"].items() if k not in without}}
+
+
 def to_dict(cfg) -> dict:
     """A config dataclass as a plain nested dict, JSON/TOML-ready (None values dropped: TOML has no null)."""
 
