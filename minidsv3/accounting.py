@@ -46,13 +46,15 @@ PEAK_FLOPS = {
 # Device peaks
 
 
-def measure_peak(seconds: float = 1.0, *, device: jax.Device | None = None, size: int = 1024) -> float:
-    """Best FLOP/s of a (size, size) @ (size, size) matmul with bf16 inputs and float32 accumulation (the recipe of
-    layers.matmul with dtype="bfloat16"), repeated for about `seconds` on `device` (default: the first CPU). Other
-    processes sharing the cores lower it, and so raise the MFU reported against it."""
+def measure_peak(
+    seconds: float = 1.0, *, device: jax.Device | None = None, size: int = 1024, dtype: str = "bfloat16"
+) -> float:
+    """Best FLOP/s of a (size, size) @ (size, size) matmul with `dtype` inputs and float32 accumulation (the recipe of
+    layers.matmul), repeated for about `seconds` on `device` (default: the first CPU). Other processes sharing the
+    cores lower it, and so raise the MFU reported against it."""
     device = device or jax.devices("cpu")[0]
     keys = jax.random.split(jax.random.key(0), 2)
-    a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.bfloat16), device) for k in keys)  # (size, size)
+    a, b = (jax.device_put(jax.random.normal(k, (size, size), dtype), device) for k in keys)  # (size, size)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     mm(a, b).block_until_ready()  # compile and warm up outside the clock
     best, deadline = float("inf"), time.perf_counter() + seconds

@@ -56,6 +56,9 @@ from minidsv3.config import ModelConfig
 from minidsv3.layers import Linear, RMSNorm, apply_rope, rope_frequencies, softmax_scale
 
 
+QUERY_BLOCK = 128  # queries per block of the causal-blocked training attention (see `__call__`)
+
+
 def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
     """The attention core's einsum, at full float32 precision (on GPUs XLA's default may round inputs to TF32)."""
     return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
@@ -131,14 +134,23 @@ class MultiHeadLatentAttention(nnx.Module):
         kv = rearrange(kv, "b s (h d) -> b s h d", h=self.cfg.num_attention_heads)  # (B, S, H, k + v), per head [k | v]
         return kv[..., : self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim :]  # (B, S, H, k), (B, S, H, v)
 
-    def _attend(self, q_nope, q_rope, k_nope, k_rope, v, mask) -> jax.Array:
-        """Eqs. 4, 9, 10 with materialized keys/values: (B,T,H,k), (B,T,H,r), (B,S,H,k), (B,S,r), (B,S,H,v), mask
-        (T, S) -> o (B, T, H*v)."""
-        scores = _einsum("bthk,bshk->bhts", q_nope, k_nope)  # (B, H, T, S): q^C·k^C
-        scores += _einsum("bthr,bsr->bhts", q_rope, k_rope)  # (B, H, T, S): + q^R·k^R, Eqs. 4, 9
-        probs = _masked_softmax(scores * softmax_scale(self.cfg), mask)  # (B, H, T, S), Eq. 10
-        o = _einsum("bhts,bshv->bthv", probs, v.astype(jnp.float32))  # (B, T, H, v), Eq. 10
-        return rearrange(o, "b t h v -> b t (h v)")  # (B, T, H*v)
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Eq. 10 on materialized keys and values: q (B, T, H, k+r) already scaled, k (B, S, H, k+r), v (B, S, H, v),
+        mask (T, S) -> o (B, T, H, v)."""
+        scores = _einsum("bthd,bshd->bhts", q, k)  # (B, H, T, S)
+        probs = _masked_softmax(scores, mask)  # (B, H, T, S), Eq. 10
+        return _einsum("bhts,bshv->bthv", probs, v.astype(jnp.float32))  # (B, T, H, v), Eq. 10
+
+    def _joint_heads(self, q_nope, q_rope, k_nope, k_rope) -> tuple[jax.Array, jax.Array]:
+        """Per head [C | R] queries and keys (Eqs. 4, 9), the queries times the softmax scale: (B,T,H,k), (B,T,H,r),
+        (B,S,H,k), (B,S,r) -> q (B, T, H, k+r), k (B, S, H, k+r).
+
+        One product of the concatenations is q^C·k^C + q^R·k^R. Measured on a 2-core CPU (tiny.toml, 8 x 256, forward
+        + backward of the attention core): 19.4 ms with two score einsums and the scale applied to (B, H, T, S),
+        7.6 ms with one einsum of width k+r and the scale applied to q (B, T, H, k+r), 256/(k+r) times smaller."""
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:3] + k_rope.shape[-1:])  # (B, S, H, r) shared
+        q = jnp.concatenate([q_nope, q_rope], axis=-1) * softmax_scale(self.cfg)  # (B, T, H, k+r)
+        return q, jnp.concatenate([k_nope, k_rope], axis=-1)  # (B, T, H, k+r), (B, S, H, k+r)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Causal self-attention over the whole sequence, x (B, T, D) with positions (T,) or (B, T) -> (B, T, D)."""
@@ -146,8 +158,20 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_rope = self._queries(x, positions)  # (B, T, H, k), (B, T, H, r)
         c_kv, k_rope = self._latents(x, positions)  # (B, T, c), (B, T, r)
         k_nope, v = self._expand(c_kv)  # (B, T, H, k), (B, T, H, v)
+        q, k = self._joint_heads(q_nope, q_rope, k_nope, k_rope)  # (B, T, H, k+r), (B, T, H, k+r)
         causal = jnp.tril(jnp.ones((T, T), bool))  # (T, S=T): Eq. 10 sums over j <= t
-        return self.o_proj(self._attend(q_nope, q_rope, k_nope, k_rope, v, causal))  # (B, T, D), Eq. 11
+        # Causal blocking: queries t in [i, j) never see keys past j, so each block of QUERY_BLOCK queries scores only
+        # keys [0, j). That skips the upper-right triangle of the T x T scores; at T = 256 (two blocks) it cut the
+        # attention core's forward + backward from 7.6 to 6.1 ms on the tiny model (2-core CPU).
+        o = jnp.concatenate(
+            [
+                self._attend(q[:, i:j], k[:, :j], v[:, :j], causal[i:j, :j])  # (B, j-i, H, v)
+                for i in range(0, T, QUERY_BLOCK)
+                for j in [min(i + QUERY_BLOCK, T)]
+            ],
+            axis=1,
+        )  # (B, T, H, v)
+        return self.o_proj(rearrange(o, "b t h v -> b t (h v)"))  # (B, T, D), Eq. 11
 
     def decode(
         self, x: jax.Array, cache: LatentCache, start: jax.Array | int, *, absorb: bool = True
@@ -171,8 +195,9 @@ class MultiHeadLatentAttention(nnx.Module):
 
         if not absorb:  # naive: expand every cached latent to per-head keys and values (spec §1.5 "naive")
             k_nope, v = self._expand(c_kv)  # (B, S_max, H, k), (B, S_max, H, v)
-            o = self._attend(q_nope, q_rope, k_nope, k_rope, v, mask)  # (B, T, H*v)
-            return self.o_proj(o), cache  # (B, T, D), Eq. 11
+            q, k = self._joint_heads(q_nope, q_rope, k_nope, k_rope)  # (B, T, H, k+r), (B, S_max, H, k+r)
+            o = self._attend(q, k, v, mask)  # (B, T, H, v)
+            return self.o_proj(rearrange(o, "b t h v -> b t (h v)")), cache  # (B, T, D), Eq. 11
 
         # absorbed: see the module docstring. kv_b_proj's kernel (c, H*(k+v)) holds per head [W^UK | W^UV].
         w_kv = rearrange(self.kv_b_proj.kernel[...], "c (h d) -> h c d", h=cfg.num_attention_heads)  # (H, c, k + v)

@@ -1,6 +1,7 @@
 """The DeepSeek-V3 Transformer: embeddings -> blocks (MLA + dense MLP or DeepSeekMoE) -> norm -> head, plus MTP.
 
-`Transformer.__call__` returns `(logits, aux)`; `aux` carries the per-layer expert loads, the sequence-wise balance
+`Transformer.__call__` returns `(logits, aux)`; training scores `features` (the head's input) through the fused
+`head_nll` instead, which never stores the logits. `aux` carries the per-layer expert loads, the sequence-wise balance
 loss and the MTP loss, so that the training step can act on them in the open (report §2.1.2, §2.2).
 Shape legend: B batch · T positions · S cache positions · D hidden_size · E routed experts · V vocab.
 """
@@ -14,7 +15,7 @@ from flax import nnx
 from minidsv3 import moe
 from minidsv3.block import Block
 from minidsv3.config import ModelConfig
-from minidsv3.layers import Linear, RMSNorm, matmul, normal_init, token_nll
+from minidsv3.layers import Linear, RMSNorm, head_nll, matmul, normal_init, token_nll
 from minidsv3.mla import LatentCache, init_cache
 from minidsv3.mtp import MTPModule, mtp_forward, mtp_loss
 
@@ -43,6 +44,13 @@ class Transformer(nnx.Module):
             return matmul(h_normed, self.embed_tokens[...].T, "float32")  # tied: (D, V)
         return self.lm_head(h_normed)
 
+    def head_nll(self, h_normed: jax.Array, targets: jax.Array) -> jax.Array:
+        """-log P(target) under the head's softmax, normed hidden states (B, T, D), targets (B, T) -> (B, T): the same
+        numbers as token_nll(self.head(h_normed), targets), through the fused kernel that never stores the logits."""
+        if self.lm_head is None:
+            return head_nll(h_normed, self.embed_tokens[...].T, targets, "float32")
+        return head_nll(h_normed, self.lm_head.kernel[...], targets, self.cfg.dtype)
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -51,7 +59,19 @@ class Transformer(nnx.Module):
         loss_mask: jax.Array | None = None,
         token_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
-        """tokens (B, T) -> logits (B, T, V) and aux.
+        """tokens (B, T) -> logits (B, T, V) and aux (see `features`)."""
+        h_normed, aux = self.features(tokens, targets=targets, loss_mask=loss_mask, token_mask=token_mask)
+        return self.head(h_normed), aux  # (B, T, V)
+
+    def features(
+        self,
+        tokens: jax.Array,
+        *,
+        targets: jax.Array | None = None,
+        loss_mask: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """tokens (B, T) -> the final normed hidden states (B, T, D), the head's input, and aux.
 
         targets (B, T) (= tokens shifted by one) switch on the MTP modules; loss_mask (B, T) weights the targets
         (SFT scores responses only); token_mask (B, T) marks real tokens, padding is kept out of the expert loads.
@@ -66,7 +86,6 @@ class Transformer(nnx.Module):
             if load is not None:
                 loads.append(load)
                 balance_loss += bal
-        logits = self.head(self.norm(h))  # (B, T, V)
         aux = {
             "expert_load": jnp.stack(loads) if loads else jnp.zeros((0, self.cfg.n_routed_experts)),  # (L_moe, E)
             "mtp_expert_load": jnp.zeros((0, self.cfg.n_routed_experts)),
@@ -75,15 +94,16 @@ class Transformer(nnx.Module):
         }
         if targets is not None and len(self.mtp) > 0:
             loss_mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
-            mtp_logits, mtp_loads, mtp_balance = mtp_forward(
-                self.mtp, h, tokens, positions, token_mask, self.embed, self.head
+            # head = identity: each depth's normed hidden states, scored through the fused head_nll
+            mtp_normed, mtp_loads, mtp_balance = mtp_forward(
+                self.mtp, h, tokens, positions, token_mask, self.embed, lambda x: x
             )
             aux.update(
-                mtp_loss=mtp_loss(mtp_logits, targets, loss_mask),
+                mtp_loss=mtp_loss(mtp_normed, targets, loss_mask, nll=self.head_nll),
                 mtp_expert_load=jnp.stack(mtp_loads),
                 balance_loss=balance_loss + mtp_balance,
             )
-        return logits, aux
+        return self.norm(h), aux  # (B, T, D)
 
     # -- generation from the compressed latent cache (spec §1.5) --------------------------------------------------
 
@@ -103,15 +123,20 @@ class Transformer(nnx.Module):
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean next-token NLL in nats over the positions where mask is 1. logits (B, T, V), targets and mask (B, T)."""
-    return (token_nll(logits, targets) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return masked_mean(token_nll(logits, targets), mask)
+
+
+def masked_mean(nll: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of nll (B, T) over the positions where mask (B, T) is 1."""
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def training_loss(model: Transformer, batch: dict, mtp_lambda: jax.Array) -> tuple[jax.Array, dict]:
     """L = L_main + λ·L_MTP (Eq. 25) + L_Bal (Eq. 17); returns (L, metrics with the expert loads)."""
-    logits, aux = model(
+    h_normed, aux = model.features(
         batch["inputs"], targets=batch["targets"], loss_mask=batch["loss_mask"], token_mask=batch["token_mask"]
     )
-    main = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    main = masked_mean(model.head_nll(h_normed, batch["targets"]), batch["loss_mask"])  # no (B, T, V) logits kept
     loss = main + mtp_lambda * aux["mtp_loss"] + aux["balance_loss"]
     return loss, {"loss": main, **aux}
 

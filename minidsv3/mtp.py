@@ -73,7 +73,8 @@ def mtp_forward(
     targets[j+k], the MTP blocks' expert loads (E,) and their summed balance loss.
 
     h_main (B, T, D): the main model's last hidden state; inputs (B, T); `embed` maps tokens to (B, T, D) and `head`
-    maps normed hidden states to logits (B, T, V): the main model's own.
+    maps normed hidden states to logits (B, T, V): the main model's own (the model's training loss passes the
+    identity, to score the normed states through its fused head + cross-entropy).
     """
     h, all_logits, loads, balance = h_main, [], [], jnp.zeros((), jnp.float32)
     for k, module in enumerate(modules, start=1):
@@ -85,11 +86,14 @@ def mtp_forward(
     return all_logits, loads, balance
 
 
-def mtp_loss(all_logits: list[jax.Array], targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """(1/D) Σ_k L^k_MTP (Eqs. 24-25 without λ). all_logits: D arrays (B, T, V); targets, loss_mask (B, T)."""
+def mtp_loss(all_logits: list[jax.Array], targets: jax.Array, loss_mask: jax.Array, nll=token_nll) -> jax.Array:
+    """(1/D) Σ_k L^k_MTP (Eqs. 24-25 without λ). all_logits: D arrays (B, T, V); targets, loss_mask (B, T).
+
+    `nll` maps depth k's output and its targets (B, T) to -log P (B, T); the model passes its fused `head_nll` with
+    each depth's normed hidden states (B, T, D) in place of the logits."""
     total = jnp.zeros((), jnp.float32)
     denom = jnp.maximum(loss_mask.sum(), 1.0)  # scored tokens of the whole sequence: the 1/T of Eq. 24
-    for k, logits in enumerate(all_logits, start=1):
-        nll = token_nll(logits, shift_left(targets, k))  # (B, T)
-        total += (nll * shift_left(loss_mask, k)).sum() / denom  # Eq. 24, zero where t_{i+k+1} is off the end
+    for k, out in enumerate(all_logits, start=1):
+        nll_k = nll(out, shift_left(targets, k))  # (B, T)
+        total += (nll_k * shift_left(loss_mask, k)).sum() / denom  # Eq. 24, zero where t_{i+k+1} is off the end
     return total / max(len(all_logits), 1)  # Eq. 25 without λ
