@@ -37,7 +37,7 @@ def router_with_scores(cfg, scores, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dispatch: vectorized (sort + block matmuls) vs the per-expert loop
+# Dispatch: vectorized (capacity buffers, batched matmuls) vs the per-expert loop
 
 
 @pytest.mark.parametrize("n_shared", [1, 0])
@@ -88,21 +88,75 @@ def test_fp8_dispatch_equals_the_per_expert_fp8_loop_and_stays_near_float32(cfg)
     assert 0.01 < rel < 0.15, rel
 
 
-def test_dispatch_runs_block_matmuls_over_the_assignments_not_every_expert_on_every_token(cfg):
+def test_capacities_are_multiples_of_eight_above_the_average_load_and_at_most_every_token():
+    assert moe.capacities(64, 2, 8) == [24, 32]  # average 16: 1.25x = 20 -> 24, 2x = 32
+    assert moe.capacities(2048, 2, 16) == [320, 512]  # tiny.toml at 8 x 256 tokens
+    assert moe.capacities(10, 2, 8) == [8]  # 1.25x and 2x of 2.5 both round up to 8 (N = 10 would cap them)
+
+
+def test_dispatch_runs_the_experts_on_capacity_buffers_or_blocks_never_every_expert_on_every_token(cfg):
     layer = make_moe(cfg)
     tokens = random_tokens(cfg, b=4, t=16).reshape(-1, cfg.hidden_size)  # (N, D), N = 64
     topk_idx, gates, _ = layer.gate(tokens)
     jaxpr = jax.make_jaxpr(lambda x, i, g: moe.dispatch(x, i, g, layer.experts, cfg))(tokens, topk_idx, gates)
-    lhs_shapes = [eqn.invars[0].aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    (switch,) = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
     n, k, e = 64, cfg.num_experts_per_tok, cfg.n_routed_experts
     c = moe.block_size(n * k, e)  # 128 // (4 * 8) = 4 -> clipped up to 8
-    assert c == 8
-    expert_gemms = [shape for shape in lhs_shapes if len(shape) == 3 and shape[1] == c]  # (blocks, C, D or F)
-    assert len(expert_gemms) == 3  # gate, up and down projections
-    for blocks, rows_per_block, _ in expert_gemms:
-        # N·K = 128 assignments plus at most E·(C-1) = 56 padding rows: 184 // 8 = 23 blocks, 184 rows,
-        # against N·E = 512 rows for every expert on every token
-        assert rows_per_block == c and blocks * c == (n * k + e * (c - 1)) // c * c == 184 < n * e
+    # N·K = 128 assignments plus at most E·(C-1) = 56 padding rows: 184 // 8 = 23 blocks of 8 rows
+    groups = [(e, 24), (e, 32), ((n * k + e * (c - 1)) // c, c)]  # capacity 1.25x, 2x, then blocks
+    for branch, (n_groups, rows) in zip(switch.params["branches"], groups, strict=True):
+        gemms = []
+
+        def dots(jaxpr):  # dot_general lhs shapes, looking inside the checkpoint
+            for q in jaxpr.eqns:
+                if q.primitive.name == "dot_general":
+                    gemms.append(q.invars[0].aval.shape)
+                for v in q.params.values():
+                    for sub in v if isinstance(v, (tuple, list)) else [v]:
+                        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                            dots(getattr(sub, "jaxpr", sub))
+
+        dots(branch.jaxpr)
+        expert_gemms = [shape for shape in gemms if len(shape) == 3 and shape[0] != n]  # not the (N, K, D) combine
+        assert len(expert_gemms) == 3  # gate, up, down
+        assert all(shape[:2] == (n_groups, rows) for shape in expert_gemms) and n_groups * rows < n * e
+
+
+@pytest.mark.parametrize("busiest", [20, 30, 64])  # fits capacity 24, 32, then only the blocks
+def test_dispatch_equals_the_per_expert_loop_at_every_capacity(cfg, busiest):
+    layer = make_moe(cfg)
+    n, e = 64, cfg.n_routed_experts
+    tokens = random_tokens(cfg, b=4, t=16).reshape(-1, cfg.hidden_size)  # (N, D)
+    idx, loads = np.zeros((n, 2), np.int32), np.zeros(e, int)
+    for t in range(n):  # expert 0 takes the first `busiest` tokens, the rest go to the least loaded other experts
+        for j in range(2):
+            free = [x for x in np.argsort(loads, kind="stable") if x != 0 and x not in idx[t, :j]]
+            idx[t, j] = 0 if j == 0 and t < busiest else free[0]
+            loads[idx[t, j]] += 1
+    assert loads.max() == loads[0] == busiest and (idx[:, 0] != idx[:, 1]).all()
+    topk_idx = jnp.asarray(idx)  # (N, 2)
+    gates = jax.random.uniform(jax.random.key(2), (n, 2))
+    fast = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
+    slow = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_gradients_equal_those_of_the_per_expert_loop(cfg):
+    layer = make_moe(cfg)
+    tokens = random_tokens(cfg, b=2, t=8).reshape(-1, cfg.hidden_size)  # (N, D)
+    topk_idx, gates, _ = layer.gate(tokens)
+    cot = jax.random.normal(jax.random.key(3), tokens.shape)  # (N, D)
+
+    def grads(fn):
+        def loss(x, g, experts):
+            return jnp.sum(fn(x, topk_idx, g, experts, cfg) * cot)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(tokens, gates, layer.experts)
+
+    fast, slow = grads(moe.dispatch), grads(moe.dispatch_reference)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert float(jnp.abs(b).max()) > 0
 
 
 def test_dispatch_is_dropless_when_every_token_picks_the_same_experts(cfg):
