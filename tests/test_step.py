@@ -84,3 +84,36 @@ def test_evaluate_reports_loss_perplexity_and_maxvio_per_moe_layer(cfg):
     ev = evaluate(model, [batch(cfg, seed=5), batch(cfg, seed=6)])
     assert abs(ev["val_ppl"] - np.exp(ev["val_loss"])) < 1e-3 * ev["val_ppl"]
     assert len(ev["maxvio_global"]) == cfg.num_moe_layers and all(v >= 0 for v in ev["maxvio_global"])
+
+
+def test_the_optimized_step_has_the_loss_and_gradients_of_the_plain_path(cfg, monkeypatch):
+    """The speed-ups of issue #11 change how, not what: hand-written backward GEMMs (layers.matmul), the fused chunked
+    head + cross-entropy (layers.head_nll, chunks smaller than the batch here), causal-blocked attention (blocks
+    smaller than T here) against plain autodiff, the unfused head and one T x T score matrix, in float32."""
+    from minidsv3 import layers, mla, model as model_lib
+
+    cfg = dataclasses.replace(cfg, num_attention_heads=2, dtype="float32")
+    b = batch(cfg, b=3, t=24, seed=4)
+    b = {**b, "loss_mask": b["loss_mask"].at[0, :5].set(0.0)}  # a masked prefix, as SFT's prompts
+    monkeypatch.setattr(layers, "LOSS_CHUNK", 16)  # 72 tokens -> 5 chunks, the last one padded
+    monkeypatch.setattr(mla, "QUERY_BLOCK", 8)  # T = 24 -> 3 query blocks
+
+    def loss_and_grads():
+        m = Transformer(cfg, rngs=nnx.Rngs(0))
+        (loss, metrics), grads = nnx.value_and_grad(model_lib.training_loss, has_aux=True)(m, b, 0.3)
+        return float(loss), float(metrics["mtp_loss"]), nnx.to_flat_state(grads)
+
+    fast = loss_and_grads()
+    monkeypatch.setattr(mla, "QUERY_BLOCK", 10**9)
+    monkeypatch.setattr(layers, "_matmul", lambda x, w, dtype: jnp.matmul(x, w))  # autodiff's backward
+    monkeypatch.setattr(
+        Transformer, "head_nll", lambda self, h, targets: layers.token_nll(self.head(h), targets)  # full logits
+    )
+    plain = loss_and_grads()
+    np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(fast[1], plain[1], rtol=1e-6)
+    assert fast[1] > 0  # the MTP loss went through the fused head too
+    for (path, g_fast), (_, g_plain) in zip(fast[2], plain[2], strict=True):
+        scale = float(jnp.abs(g_plain[...]).max())
+        assert scale > 0, path
+        np.testing.assert_allclose(g_fast[...], g_plain[...], rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
