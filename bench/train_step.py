@@ -16,7 +16,8 @@ Each step is timed on its own (the result is fetched to the host, as train.py's 
 that include compilation; the figure is the median. With --peer the two implementations take turns step by step,
 so a noisy neighbour on the machine slows both alike, and the ratio is of medians taken in the same run.
 MFU = matmul FLOPs per token (minidsv3/flops.py, causal attention counted at half the T x T) x tokens/s divided by
-the measured peak of a large matmul in the same dtype (float32 inputs, or bf16 inputs with float32 accumulation).
+the measured peak of a large matmul in the same dtype (float32 inputs, or bf16 inputs with float32 accumulation); on
+a GPU listed in minidsv3/accounting.py, bf16 MFU is against its datasheet peak, and peak device memory is printed.
 """
 
 from __future__ import annotations
@@ -57,13 +58,11 @@ def minidsv3_step(cfg: config.Config, batch: int, seq_len: int, seed: int = 0):
     return run
 
 
-def peer_step(m: config.ModelConfig, t: config.TrainConfig, batch: int, seq_len: int, seed: int = 0):
-    """The same step in transformers: DeepseekV3ForCausalLM from the same [model] table, AdamW after clipping."""
-    import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+def peer_config(m: config.ModelConfig):
+    """transformers' DeepseekV3Config for the same [model] table: same widths, experts, groups, interleaved RoPE."""
+    from transformers import DeepseekV3Config
 
-    torch.manual_seed(seed)
-    hf_cfg = DeepseekV3Config(
+    return DeepseekV3Config(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         moe_intermediate_size=m.moe_intermediate_size, num_hidden_layers=m.num_hidden_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_attention_heads,
@@ -77,6 +76,15 @@ def peer_step(m: config.ModelConfig, t: config.TrainConfig, batch: int, seq_len:
         tie_word_embeddings=m.tie_word_embeddings, rope_interleave=True,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, num_mtp_layers=0,
     )  # fmt: skip
+
+
+def peer_step(m: config.ModelConfig, t: config.TrainConfig, batch: int, seq_len: int, seed: int = 0):
+    """The same step in transformers: DeepseekV3ForCausalLM from the same [model] table, AdamW after clipping."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    hf_cfg = peer_config(m)
     model = DeepseekV3ForCausalLM(hf_cfg).train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(t.adam_b1, t.adam_b2), eps=t.adam_eps, weight_decay=t.weight_decay
@@ -133,7 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.load(a.config, [*overrides, "--model.num_nextn_predict_layers=0"])
     except config.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    peaks = {d: accounting.measure_peak(1.0, size=1024, dtype=d) for d in a.dtypes.split(",")}
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        peaks = {d: accounting.measure_peak(1.0, size=1024, dtype=d) for d in a.dtypes.split(",")}
+    else:  # a GPU: its datasheet bf16 peak where accounting.PEAK_FLOPS lists it, float32 measured
+        peaks = {
+            d: accounting.device_peak()[1] if d == "bfloat16" else accounting.measure_peak(1.0, device=device, size=4096, dtype=d)
+            for d in a.dtypes.split(",")
+        }
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; measured matmul peak: "
           + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items()))  # fmt: skip
     header = f"{'shape':>8} {'dtype':>9} {'impl':>12} {'compile+warm s':>14} {'ms/step':>8} {'tok/s':>8} {'MFU':>6}"
@@ -150,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
             for (name, _), f, s in zip(fns.items(), first, med, strict=True):
                 tps = batch * seq_len / s
                 line = f"{shape:>8} {dtype:>9} {name:>12} {f:>14.1f} {1e3 * s:>8.1f} {tps:>8,.0f} "
-                print(line + f"{100 * flop_per_tok * tps / peaks[dtype]:>5.1f}%")
+                stats = device.memory_stats() or {}  # GPUs report their peak memory; CPUs report nothing
+                memory = f"  peak memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in stats else ""
+                print(line + f"{100 * flop_per_tok * tps / peaks[dtype]:>5.1f}%{memory}")
             if a.peer:
                 ratio = med[1] / med[0]
                 verdict = "met" if ratio >= TARGETS[dtype] else "NOT met"

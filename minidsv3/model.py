@@ -113,12 +113,17 @@ class Transformer(nnx.Module):
 
     def decode(self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array) -> tuple[jax.Array, list]:
         """tokens (B, T) at positions start..start+T-1 -> logits (B, T, V) and the updated caches."""
+        h, caches = self.decode_hidden(tokens, caches, start)  # (B, T, D)
+        return self.head(self.norm(h)), caches
+
+    def decode_hidden(self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array) -> tuple[jax.Array, list]:
+        """As `decode`, but returns the last hidden state (B, T, D) before the final norm: the MTP module's input."""
         h = self.embed(tokens)  # (B, T, D)
         new_caches = []
         for layer, cache in zip(self.layers, caches, strict=True):
             h, cache = layer.decode(h, cache, start)  # (B, T, D)
             new_caches.append(cache)
-        return self.head(self.norm(h)), new_caches
+        return h, new_caches
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ from flax import nnx
 from minidsv3.block import Block
 from minidsv3.config import ModelConfig
 from minidsv3.layers import Linear, RMSNorm, token_nll
+from minidsv3.mla import LatentCache
 
 
 def shift_left(x: jax.Array, k: int) -> jax.Array:
@@ -58,6 +59,16 @@ class MTPModule(nnx.Module):
         both = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1)  # (B, T, 2D), [Emb; h]
         h, load, balance_loss = self.block(self.eh_proj(both), positions, token_mask)  # Eqs. 21-22: (B, T, D)
         return h, self.norm(h), load, balance_loss
+
+    def decode(
+        self, h_prev: jax.Array, emb_ahead: jax.Array, cache: LatentCache, start: jax.Array
+    ) -> tuple[jax.Array, LatentCache]:
+        """The same at positions start..start+T-1, attending through the block's own latent cache: h_prev (B, T, D),
+        emb_ahead (B, T, D) -> normed h^k (B, T, D) (the head's input) and the cache. Speculative decoding drafts the
+        token after next with it (minidsv3/generate.py, report §5.4.3)."""
+        both = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1)  # (B, T, 2D), [Emb; h]
+        h, cache = self.block.decode(self.eh_proj(both), cache, start)  # (B, T, D)
+        return self.norm(h), cache
 
 
 def mtp_forward(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minidsv3.generate import generate, pick
+from minidsv3.generate import bucket, generate, pick, run
 from minidsv3.model import Transformer
 
 
@@ -46,3 +46,38 @@ def test_temperature_zero_is_argmax_and_top_k_one_is_argmax_too():
     logits = jax.random.normal(jax.random.key(0), (3, 11))
     np.testing.assert_array_equal(pick(logits, jax.random.key(1), 0.0, 0, 1.0), jnp.argmax(logits, -1))
     np.testing.assert_array_equal(pick(logits, jax.random.key(1), 1.0, 1, 1.0), jnp.argmax(logits, -1))
+
+
+def test_speculative_greedy_decoding_with_the_mtp_draft_gives_the_same_tokens(cfg):
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    for prompt, n in [([5, 17, 42], 23), ([9], 2), (list(range(1, 40)), 30)]:
+        plain = run(model, prompt, n)
+        fast = run(model, prompt, n, speculative=True)
+        assert fast.tokens == plain.tokens and len(fast.tokens) == n
+        assert 0.0 <= fast.drafts_accepted <= 1.0
+
+
+def test_speculative_decoding_emits_two_tokens_per_round_when_every_draft_is_right(cfg):
+    # Zero final-norm gains make every logit 0, for the main model and the MTP module alike: both always pick token
+    # 0, so every draft is confirmed and each round emits two tokens.
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model.norm.weight[...] = jnp.zeros_like(model.norm.weight[...])
+    model.mtp[0].norm.weight[...] = jnp.zeros_like(model.mtp[0].norm.weight[...])
+    plain = run(model, [1, 2, 3], 12)
+    fast = run(model, [1, 2, 3], 12, speculative=True)
+    assert fast.tokens == plain.tokens == [0] * 12
+    assert fast.drafts_accepted == 1.0
+
+
+def test_one_compiled_loop_serves_every_prompt_and_length_of_a_bucket(cfg):
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    run(model, [1, 2, 3], 5)
+    again = run(model, [4, 5, 6, 7, 8], 9)  # same buckets: prompt <= 64, cache <= 64, output <= 64
+    assert again.compile_s == 0.0 and len(again.tokens) == 9
+    assert bucket(1) == 64 and bucket(65) == 128 and bucket(128) == 128
+
+
+def test_sampling_is_reproducible_from_the_seed_and_differs_across_seeds(cfg):
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    a, b, c = (run(model, [3], 16, temperature=1.5, seed=s).tokens for s in (0, 0, 1))
+    assert a == b and a != c
