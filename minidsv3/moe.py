@@ -57,7 +57,7 @@ from flax import nnx
 
 from minidsv3 import fp8
 from minidsv3.config import ModelConfig
-from minidsv3.layers import MLP, matmul, normal_init
+from minidsv3.layers import MLP, grouped_matmul, matmul, normal_init
 
 
 class RouterBias(nnx.Variable):
@@ -227,7 +227,7 @@ def _run_experts(x, gates, weights, slot, rows, group_weights, cfg: ModelConfig)
     def expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:  # (G, R, in), (G, in, out) -> (G, R, out)
         if cfg.fp8:  # the report runs the expert GEMMs in FP8 too (§3.3)
             return jax.vmap(lambda ag, wg: fp8.fp8_matmul(ag, wg, cfg))(a, w)
-        return jnp.einsum("gri,gio->gro", a.astype(cfg.dtype), w.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        return grouped_matmul(a.astype(jnp.float32), w, cfg.dtype)
 
     w1, w3, w2 = group_weights
     h = jax.nn.silu(expert_matmul(x_buf, w1)) * expert_matmul(x_buf, w3)  # (G, R, F) silu(x W1) ⊙ x W3
