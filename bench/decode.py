@@ -28,11 +28,11 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import peer_config  # noqa: E402
+from train_step import peer_config
 
-from minidsv3 import config  # noqa: E402
-from minidsv3.generate import load_run, run  # noqa: E402
-from minidsv3.model import Transformer  # noqa: E402
+from minidsv3 import config
+from minidsv3.generate import load_run, run
+from minidsv3.model import Transformer
 
 
 def peer_model(m: config.ModelConfig):
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   {name:>12}: {tps:8.1f} tokens/s")
     if a.peer:
         ratio = speed["minidsv3"] / speed["transformers"]
-        print(f"   {'speed-up':>12}: {ratio:.2f}x over transformers (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+        print(
+            f"   {'speed-up':>12}: {ratio:.2f}x over transformers (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})"
+        )
 
     # 2. latent cache against recomputation at --context positions
     ctx = np.random.default_rng(1).integers(0, cfg.vocab_size, a.context).tolist()
@@ -120,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ids = tokenizer.encode("def ").ids
     run(trained, ids, a.new_tokens), run(trained, ids, a.new_tokens, speculative=True)  # compile both
     plain = min((run(trained, ids, a.new_tokens) for _ in range(a.repeats)), key=lambda g: -g.tokens_per_s)
-    spec = min((run(trained, ids, a.new_tokens, speculative=True) for _ in range(a.repeats)), key=lambda g: -g.tokens_per_s)
+    spec = min(
+        (run(trained, ids, a.new_tokens, speculative=True) for _ in range(a.repeats)), key=lambda g: -g.tokens_per_s
+    )
     assert spec.tokens == plain.tokens, "speculative decoding changed the greedy output"
     print(f"\n3. speculative decoding on {a.run}, prompt 'def ', {a.new_tokens} greedy tokens (identical output):")
     print(f"   {100 * spec.drafts_accepted:.1f} % of MTP drafts accepted (report §5.4.3: 85-90 % for DeepSeek-V3); "

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in a.dtypes.split(","):
             cfg = dataclasses.replace(config.load("configs/tiny.toml").model, dtype=dtype, **overrides)
             moe = MoE(cfg, rngs=nnx.Rngs(0))
-            dense = MLP(cfg, (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size, rngs=nnx.Rngs(0))
+            dense = MLP(
+                cfg, (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size, rngs=nnx.Rngs(0)
+            )
             keys = jax.random.split(jax.random.key(1), 2)
             x, cot = (jax.random.normal(k, (batch, seq_len, cfg.hidden_size)) for k in keys)  # (B, T, D) each
             fns = [fwd_bwd(dense, False), fwd_bwd(moe, True)]

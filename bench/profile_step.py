@@ -27,15 +27,16 @@ from pathlib import Path
 
 DUMP = Path(tempfile.mkdtemp(prefix="minidsv3-hlo-"))
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_dump_to={DUMP} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"
 )  # before jax is imported: XLA reads its flags once
 
-import jax  # noqa: E402
+import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import minidsv3_step  # noqa: E402
+from train_step import minidsv3_step
 
-from minidsv3 import config  # noqa: E402
+from minidsv3 import config
 
 FRAME = re.compile(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)\}")
 LOCATION = re.compile(r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)")
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     sources = {}
     for f in DUMP.glob("*train_step*cpu_after_optimizations.txt"):
         sources.update(hlo_sources(f.read_text()))
-    trace = json.load(gzip.open(sorted(trace_dir.rglob("*.trace.json.gz"))[-1]))
+    with gzip.open(max(trace_dir.rglob("*.trace.json.gz"))) as f:
+        trace = json.load(f)
     per = collections.defaultdict(lambda: [0.0, 0.0])  # label -> [forward ms, backward ms] per step
     single = collections.Counter()  # (instruction, label, op name) -> ms per step
     for e in trace["traceEvents"]:

@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             import transformers  # noqa: F401
         except ImportError:
             raise SystemExit('error: --peer needs torch and transformers: pip install -e ".[peer]"') from None
-    try:
-        cfg = config.load(a.config, [*overrides, "--model.num_nextn_predict_layers=0"])
+    try:  # a bad config or override fails here, with one line
+        config.load(a.config, [*overrides, "--model.num_nextn_predict_layers=0"])
     except config.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     device = jax.devices()[0]
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         peaks = {d: accounting.measure_peak(1.0, size=1024, dtype=d) for d in a.dtypes.split(",")}
     else:  # a GPU: its datasheet bf16 peak where accounting.PEAK_FLOPS lists it, float32 measured
         peaks = {
-            d: accounting.device_peak()[1] if d == "bfloat16" else accounting.measure_peak(1.0, device=device, size=4096, dtype=d)
+            d: accounting.device_peak()[1]
+            if d == "bfloat16"
+            else accounting.measure_peak(1.0, device=device, size=4096, dtype=d)
             for d in a.dtypes.split(",")
         }
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; measured matmul peak: "
@@ -166,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                 tps = batch * seq_len / s
                 line = f"{shape:>8} {dtype:>9} {name:>12} {f:>14.1f} {1e3 * s:>8.1f} {tps:>8,.0f} "
                 stats = device.memory_stats() or {}  # GPUs report their peak memory; CPUs report nothing
-                memory = f"  peak memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB" if "peak_bytes_in_use" in stats else ""
+                memory = (
+                    f"  peak memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB"
+                    if "peak_bytes_in_use" in stats
+                    else ""
+                )
                 print(line + f"{100 * flop_per_tok * tps / peaks[dtype]:>5.1f}%{memory}")
             if a.peer:
                 ratio = med[1] / med[0]

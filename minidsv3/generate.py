@@ -267,5 +267,6 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
     )
 
+
 if __name__ == "__main__":
     main()

@@ -55,7 +55,6 @@ from flax import nnx
 from minidsv3.config import ModelConfig
 from minidsv3.layers import Linear, RMSNorm, apply_rope, rope_frequencies, softmax_scale
 
-
 QUERY_BLOCK = 128  # queries per block of the causal-blocked training attention (see `__call__`)
 
 

@@ -104,19 +104,20 @@ def test_dispatch_runs_the_experts_on_capacity_buffers_or_blocks_never_every_exp
     c = moe.block_size(n * k, e)  # 128 // (4 * 8) = 4 -> clipped up to 8
     # N·K = 128 assignments plus at most E·(C-1) = 56 padding rows: 184 // 8 = 23 blocks of 8 rows
     groups = [(e, 24), (e, 32), ((n * k + e * (c - 1)) // c, c)]  # capacity 1.25x, 2x, then blocks
+
+    def dots(jaxpr) -> list[tuple]:  # the lhs shapes of its dot_generals, looking inside the checkpoint
+        shapes = []
+        for q in jaxpr.eqns:
+            if q.primitive.name == "dot_general":
+                shapes.append(q.invars[0].aval.shape)
+            for v in q.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else [v]:
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        shapes += dots(getattr(sub, "jaxpr", sub))
+        return shapes
+
     for branch, (n_groups, rows) in zip(switch.params["branches"], groups, strict=True):
-        gemms = []
-
-        def dots(jaxpr):  # dot_general lhs shapes, looking inside the checkpoint
-            for q in jaxpr.eqns:
-                if q.primitive.name == "dot_general":
-                    gemms.append(q.invars[0].aval.shape)
-                for v in q.params.values():
-                    for sub in v if isinstance(v, (tuple, list)) else [v]:
-                        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                            dots(getattr(sub, "jaxpr", sub))
-
-        dots(branch.jaxpr)
+        gemms = dots(branch.jaxpr)
         expert_gemms = [shape for shape in gemms if len(shape) == 3 and shape[0] != n]  # not the (N, K, D) combine
         assert len(expert_gemms) == 3  # gate, up, down
         assert all(shape[:2] == (n_groups, rows) for shape in expert_gemms) and n_groups * rows < n * e

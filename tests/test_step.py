@@ -90,7 +90,8 @@ def test_the_optimized_step_has_the_loss_and_gradients_of_the_plain_path(cfg, mo
     """The speed-ups of issue #11 change how, not what: hand-written backward GEMMs (layers.matmul), the fused chunked
     head + cross-entropy (layers.head_nll, chunks smaller than the batch here), causal-blocked attention (blocks
     smaller than T here) against plain autodiff, the unfused head and one T x T score matrix, in float32."""
-    from minidsv3 import layers, mla, model as model_lib
+    from minidsv3 import layers, mla
+    from minidsv3 import model as model_lib
 
     cfg = dataclasses.replace(cfg, num_attention_heads=2, dtype="float32")
     b = batch(cfg, b=3, t=24, seed=4)
@@ -107,7 +108,9 @@ def test_the_optimized_step_has_the_loss_and_gradients_of_the_plain_path(cfg, mo
     monkeypatch.setattr(mla, "QUERY_BLOCK", 10**9)
     monkeypatch.setattr(layers, "_matmul", lambda x, w, dtype: jnp.matmul(x, w))  # autodiff's backward
     monkeypatch.setattr(
-        Transformer, "head_nll", lambda self, h, targets: layers.token_nll(self.head(h), targets)  # full logits
+        Transformer,
+        "head_nll",
+        lambda self, h, targets: layers.token_nll(self.head(h), targets),  # full logits
     )
     plain = loss_and_grads()
     np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6)
