@@ -1,4 +1,4 @@
-"""Sampling from a trained run, decoding from the compressed latent KV cache (spec §1.5).
+"""Sampling from a trained run, decoding from the compressed latent KV cache (report §2.1.1; arXiv:2405.04434 §2.1.2).
 
     python -m minidsv3.generate runs/tiny --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-p 0.95
     python -m minidsv3.generate runs/tiny --speculative       # greedy, drafting every other token with MTP

@@ -16,7 +16,7 @@ sees positions <= j, and every slot <= T-k-1 holds real data.
 
 Choices. The loss of depth k is normalized by the count of scored tokens of the *whole* sequence (1/T for a
 pre-training batch with no mask), as Eq. 24 writes, not by T-k. `mtp_loss` returns (1/D) Σ_k L^k_MTP; the training
-step multiplies by λ (its schedule lives in train.py), Eq. 25.
+step multiplies by λ (its schedule is `schedules.mtp_lambda`, applied in `model.training_loss`), Eq. 25.
 
 How it differs from production. NOTE: the concatenation order is [Emb; h] (embedding first), the layout of the
 released weights (`eh_proj`, see spec §9 item 6) rather than Eq. 21's [h; Emb], so checkpoints map 1:1. Each module

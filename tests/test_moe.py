@@ -360,6 +360,36 @@ def test_gradients_reach_the_router_and_every_expert_weight_but_not_the_bias(cfg
     assert np.all(np.asarray(bias_grad["gate"]["e_score_correction_bias"][...]) == 0)
 
 
+def test_the_moe_output_alone_gives_the_router_weights_the_gradient_of_a_finite_difference(cfg):
+    # Without the balance loss, the router's only gradient path is the gates (Eq. 13): detaching them would leave
+    # the router weights with a zero gradient here, while moving the weights still changes the output.
+    layer = make_moe(cfg)
+    x = random_tokens(cfg, b=2, t=8)  # (B, T, D)
+    cot = jax.random.normal(jax.random.key(5), x.shape)  # (B, T, D)
+    w0 = layer.gate.weight[...]  # (E, D)
+
+    def output(m):  # <MoE(x), cot>
+        return jnp.sum(m(x)[0] * cot)
+
+    def at(w, fn):  # fn(layer) with router weights w
+        layer.gate.weight[...] = w
+        value = fn(layer)
+        layer.gate.weight[...] = w0
+        return value
+
+    def routing(m):
+        return m.gate(x.reshape(-1, cfg.hidden_size))[0]  # (N, K)
+
+    direction = jax.random.normal(jax.random.key(6), w0.shape)  # (E, D)
+    eps = 1e-3
+    assert (at(w0 + eps * direction, routing) == routing(layer)).all()  # a step this small keeps every choice
+    assert (at(w0 - eps * direction, routing) == routing(layer)).all()
+    finite = (at(w0 + eps * direction, output) - at(w0 - eps * direction, output)) / (2 * eps)
+    analytic = jnp.sum(nnx.grad(output)(layer)["gate"]["weight"][...] * direction)
+    assert abs(float(finite)) > 1e-3  # the gates do move the output
+    np.testing.assert_allclose(float(analytic), float(finite), rtol=2e-2)
+
+
 def test_router_bias_is_in_the_model_state_but_not_in_params_or_the_optimizer(cfg):
     layer = make_moe(cfg)
     assert "e_score_correction_bias" in nnx.state(layer)["gate"]
