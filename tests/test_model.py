@@ -5,14 +5,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from minidsv3 import moe
-from minidsv3.config import RopeScaling
+from minidsv3.config import RopeScaling, TrainConfig
 from minidsv3.model import Transformer, cross_entropy, routers, training_loss, update_router_biases, with_config
 from minidsv3.mtp import mtp_forward, mtp_loss, shift_left
+from minidsv3.step import make_optimizer
 
 
 def tokens(cfg, b=2, t=12, seed=0):
@@ -114,7 +114,7 @@ def test_padding_is_left_out_of_the_expert_loads(cfg):
 
 def test_the_router_bias_gets_no_gradient_and_no_optimizer_state(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    optimizer = make_optimizer(model, TrainConfig())  # the optimizer train.py builds
     x = tokens(cfg)
     batch = {"inputs": x, "targets": x, "loss_mask": jnp.ones(x.shape), "token_mask": jnp.ones(x.shape)}
     grads = nnx.grad(lambda m: training_loss(m, batch, 0.3)[0])(model)

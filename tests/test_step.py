@@ -91,6 +91,21 @@ def test_evaluate_reports_loss_perplexity_and_maxvio_per_moe_layer(cfg):
     assert len(ev["maxvio_global"]) == cfg.num_moe_layers and all(v >= 0 for v in ev["maxvio_global"])
 
 
+def test_evaluation_and_generation_leave_the_router_biases_where_they_are(cfg):
+    # The biases move only in train_step, from training loads (report §2.1.2); measuring the model must not move them.
+    from minidsv3.generate import run
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    for i, router in enumerate(routers(model)):
+        router.e_score_correction_bias[...] = 0.01 * (i + 1) * jnp.arange(cfg.n_routed_experts, dtype=jnp.float32)
+    before = [np.asarray(r.e_score_correction_bias[...]) for r in routers(model)]
+    evaluate(model, [batch(cfg, seed=5)])
+    run(model, [1, 2, 3], 6)
+    run(model, [1, 2, 3], 6, speculative=True)
+    for r, b in zip(routers(model), before, strict=True):
+        np.testing.assert_array_equal(np.asarray(r.e_score_correction_bias[...]), b)
+
+
 def test_the_optimized_step_has_the_loss_and_gradients_of_the_plain_path(cfg, monkeypatch):
     """The speed-ups of issue #11 change how, not what: hand-written backward GEMMs (layers.matmul), the fused chunked
     head + cross-entropy (layers.head_nll, chunks smaller than the batch here), causal-blocked attention (blocks
