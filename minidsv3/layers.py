@@ -85,6 +85,21 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def linear(x: jax.Array, w: jax.Array, cfg: ModelConfig, *, quantize: bool = True) -> jax.Array:
+    """x (..., in) @ w (in, out) -> (..., out) float32: through the FP8 recipe when `cfg.fp8` and `quantize` (report
+    §3.3), else `matmul` with cfg.dtype inputs. The one place that chooses between them: Linear and the per-expert
+    reference loop of moe.py call it."""
+    if quantize and cfg.fp8:
+        return fp8.fp8_matmul(x, w, cfg)
+    return matmul(x, w, cfg.dtype)
+
+
+def swiglu(x: jax.Array, gate, up, down) -> jax.Array:
+    """down(silu(gate(x)) ⊙ up(x)), the SwiGLU FFN of every dense layer and expert (report §2.1); gate, up and down
+    are the three projections as functions, so dense MLPs, shared and routed experts all share this one line."""
+    return down(jax.nn.silu(gate(x)) * up(x))
+
+
 class Linear(nnx.Module):
     """y = x W, no bias (DeepSeek-V3 has none). Runs through the FP8 recipe when `cfg.fp8` and `quantize` are set.
 
@@ -97,9 +112,7 @@ class Linear(nnx.Module):
         self.quantize = quantize and cfg.fp8  # the report keeps embedding, head and router in high precision
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
-        if self.quantize:
-            return fp8.fp8_matmul(x, self.kernel[...], self.cfg)
-        return matmul(x, self.kernel[...], self.cfg.dtype)
+        return linear(x, self.kernel[...], self.cfg, quantize=self.quantize)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -196,7 +209,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(intermediate_size, cfg.hidden_size, cfg, rngs=rngs)  # W2
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D)
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., F) -> (..., D)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)  # (..., F) -> (..., D)
 
 
 # ---------------------------------------------------------------------------------------------------------------

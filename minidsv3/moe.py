@@ -57,7 +57,7 @@ from flax import nnx
 
 from minidsv3 import fp8
 from minidsv3.config import ModelConfig
-from minidsv3.layers import MLP, grouped_matmul, matmul, normal_init
+from minidsv3.layers import MLP, grouped_matmul, linear, normal_init, swiglu
 
 
 class RouterBias(nnx.Variable):
@@ -230,8 +230,8 @@ def _run_experts(x, gates, weights, slot, rows, group_weights, cfg: ModelConfig)
         return grouped_matmul(a.astype(jnp.float32), w, cfg.dtype)
 
     w1, w3, w2 = group_weights
-    h = jax.nn.silu(expert_matmul(x_buf, w1)) * expert_matmul(x_buf, w3)  # (G, R, F) silu(x W1) ⊙ x W3
-    out = rearrange(expert_matmul(h, w2), "g r d -> (g r) d")  # (G*R, D) FFN^(r)(x) per used row
+    out = swiglu(x_buf, *(partial(expert_matmul, w=w) for w in (w1, w3, w2)))  # (G, R, D) FFN^(r)(x), via (G, R, F)
+    out = rearrange(out, "g r d -> (g r) d")  # (G*R, D) per used row
     out = gather_rows(out, slot, assignment_of_row[:, None])  # (N*K, D) back in (token, slot) order
     out = rearrange(out, "(n k) d -> n k d", k=k)  # (N, K, D)
     return jnp.einsum("nkd,nk->nd", out, gates.astype(jnp.float32))  # (N, D) Σ_k g_{k,t} FFN_k(u_t), Eq. 12
@@ -263,8 +263,7 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 @partial(jax.jit, static_argnames="cfg")
 def _expert_ffn(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, cfg: ModelConfig) -> jax.Array:
     """One SwiGLU expert on the tokens routed to it: x (M, D) -> (M, D), FP8 when cfg.fp8 (as a Linear would be)."""
-    mm = (lambda a, w: fp8.fp8_matmul(a, w, cfg)) if cfg.fp8 else (lambda a, w: matmul(a, w, cfg.dtype))
-    return mm(jax.nn.silu(mm(x, w1)) * mm(x, w3), w2)  # (M, F) -> (M, D)
+    return swiglu(x, *(partial(linear, w=w, cfg=cfg) for w in (w1, w3, w2)))  # (M, F) -> (M, D)
 
 
 def dispatch_reference(
