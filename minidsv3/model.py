@@ -38,29 +38,26 @@ class Transformer(nnx.Module):
         """tokens (B, T) int -> (B, T, D)."""
         return jnp.take(self.embed_tokens[...], tokens, axis=0)
 
+    def _head_weight(self) -> tuple[jax.Array, str]:
+        """The head's matrix (D, V) and its matmul dtype: the embedding's transpose in float32 when tied, else
+        lm_head's kernel in cfg.dtype (the head stays out of FP8, report §3.3.1)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].T, "float32"
+        return self.lm_head.kernel[...], self.cfg.dtype
+
     def head(self, h_normed: jax.Array) -> jax.Array:
         """OutHead: normed hidden states (B, T, D) -> logits (B, T, V), float32."""
-        if self.lm_head is None:
-            return matmul(h_normed, self.embed_tokens[...].T, "float32")  # tied: (D, V)
-        return self.lm_head(h_normed)
+        return matmul(h_normed, *self._head_weight())
 
     def head_nll(self, h_normed: jax.Array, targets: jax.Array) -> jax.Array:
         """-log P(target) under the head's softmax, normed hidden states (B, T, D), targets (B, T) -> (B, T): the same
         numbers as token_nll(self.head(h_normed), targets), through the fused kernel that never stores the logits."""
-        if self.lm_head is None:
-            return head_nll(h_normed, self.embed_tokens[...].T, targets, "float32")
-        return head_nll(h_normed, self.lm_head.kernel[...], targets, self.cfg.dtype)
+        w, dtype = self._head_weight()
+        return head_nll(h_normed, w, targets, dtype)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        targets: jax.Array | None = None,
-        loss_mask: jax.Array | None = None,
-        token_mask: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict]:
-        """tokens (B, T) -> logits (B, T, V) and aux (see `features`)."""
-        h_normed, aux = self.features(tokens, targets=targets, loss_mask=loss_mask, token_mask=token_mask)
+    def __call__(self, tokens: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
+        """tokens (B, T) -> logits (B, T, V) and aux; keyword arguments and aux as `features`."""
+        h_normed, aux = self.features(tokens, **kwargs)
         return self.head(h_normed), aux  # (B, T, V)
 
     def features(
