@@ -202,7 +202,7 @@ for st in stages:
         micro = {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (A, B, T)
         tic = time.perf_counter()
         out = step_fn(micro, lam, gamma)
-        loss = float(out["loss"])  # waits for the step
+        loss = float(out["main_loss"])  # waits for the step
         seconds = time.perf_counter() - tic
         tokens = int(micro["inputs"].size)
         if stage_steps > 0:  # the first step of a stage includes compilation; keep it out of the throughput
@@ -215,7 +215,7 @@ for st in stages:
         maxvio_batch = float(out["maxvio_batch"]) if load.size else None  # None: no MoE layer routes anything
         biases = [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)]
         lr = float(schedules.learning_rate(step - 1, t))
-        log({"step": step, "stage": st["name"], "loss": loss, "mtp_loss": float(out["mtp_loss"]),
+        log({"step": step, "stage": st["name"], "main_loss": loss, "total_loss": float(out["total_loss"]), "mtp_loss": float(out["mtp_loss"]),
              "balance_loss": float(out["balance_loss"]), "grad_norm": float(out["grad_norm"]), "lr": lr,
              "gamma": gamma, "mtp_lambda": lam, "tokens": tokens, "seconds": seconds, "maxvio_batch": maxvio_batch,
              "expert_load": load.tolist(), "router_bias": biases})  # fmt: skip

@@ -70,8 +70,8 @@ def main() -> None:
     others = {"fp8": run(config, argv, "fp8", ["--model.fp8=true"])}
     if precision_floor:
         others["float32"] = run(config, argv, "f32", ["--model.fp8=false", "--model.dtype=float32"])
-    loss_hi = ema([r["loss"] for r in hi])
-    rel = {name: [(b - a) / a for a, b in zip(loss_hi, ema([r["loss"] for r in steps]))]
+    loss_hi = ema([r["main_loss"] for r in hi])
+    rel = {name: [(b - a) / a for a, b in zip(loss_hi, ema([r["main_loss"] for r in steps]))]
            for name, (steps, _) in others.items()}  # fmt: skip
     print(f"{'step':>6} {'loss bf16':>10} " + " ".join(f"{'rel. ' + n:>13}" for n in rel) + "   (EMA 0.9)")
     for i in range(0, len(loss_hi), max(1, len(loss_hi) // 20)):

@@ -53,7 +53,7 @@ def minidsv3_step(cfg: config.Config, batch: int, seq_len: int, seed: int = 0):
     mtp_lambda, gamma = jnp.float32(0.0), jnp.float32(cfg.train.bias_update_speed)
 
     def run() -> float:
-        return float(step_fn(micro, mtp_lambda, gamma)["loss"])  # the host fetch train.py's logging does
+        return float(step_fn(micro, mtp_lambda, gamma)["main_loss"])  # the host fetch train.py's logging does
 
     return run
 

@@ -1,6 +1,6 @@
 """What a training run costs: the device-hour ledger, the report's Table 1 and its projection to DeepSeek-V3.
 
-Report §1 and Table 1 (spec §7); [ISCA] Tables 2 and 4 for FLOPs per token and MFU; spec §5 for the parameter check.
+Report §1 and Table 1 (notes §7); [ISCA] Tables 2 and 4 for FLOPs per token and MFU; notes §5 for the parameter check.
 
 Parameter counts and FLOPs per token are in minidsv3/flops.py.
 
@@ -32,7 +32,7 @@ from minidsv3.flops import FlopBreakdown, count_params, flops_per_token
 
 STAGES = {"pretrain": "Pre-Training", "context": "Context Extension", "sft": "Post-Training"}  # Table 1's columns
 
-# Dense (no sparsity) tensor-core peaks per device, FLOP/s. H100 SXM5: 989.4 TFLOP/s bf16, 1978.9 fp8 (spec §7,
+# Dense (no sparsity) tensor-core peaks per device, FLOP/s. H100 SXM5: 989.4 TFLOP/s bf16, 1978.9 fp8 (notes §7,
 # glennklockwood.com/garden/processors/h100); the H800 has the H100's tensor cores with slower NVLink ([ISCA] §4.1), and
 # the H200 the H100's compute with more memory. [ISCA] Table 4: 385 TFLOP/s at 38.94 % MFU implies a 989 peak.
 PEAK_FLOPS = {
@@ -280,7 +280,7 @@ def project(
     return costs
 
 
-# The report's own inputs (spec §5-7): 14.8T tokens at 4K at [ISCA] Table 4's 272.8B tokens/day on 2048 H800s;
+# The report's own inputs (notes §5-7): 14.8T tokens at 4K at [ISCA] Table 4's 272.8B tokens/day on 2048 H800s;
 # context extension 2 × 1000 steps of 1920 × 32K and 480 × 128K tokens with the reported 119K hours; post-training
 # with the reported 5K hours (its token count is not published).
 DEEPSEEK_V3_PRESET = {

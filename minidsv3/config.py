@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses, TOML loading, `--section.field=value` overrides and validation.
 
 Architecture fields carry exactly the names of Hugging Face's `DeepseekV3Config`, so a config can be diffed against
-DeepSeek's own `config.json` (spec §8). Fields of our own carry the paper's symbol and source in a comment.
+DeepSeek's own `config.json` (notes §8). Fields of our own carry the paper's symbol and source in a comment.
 
 A run is described by one `Config` with three sections, each its own TOML table:
     [model]  ModelConfig  the architecture (and the FP8 switch, which changes the numerics of the model's matmuls)
@@ -25,14 +25,14 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN parameters, as `rope_scaling` in DeepSeek-V3's config.json (spec §6, §8)."""
+    """YaRN parameters, as `rope_scaling` in DeepSeek-V3's config.json (notes §6, §8)."""
 
     type: str = "yarn"
     factor: float = 40.0  # s, report §4.3
     original_max_position_embeddings: int = 4096  # the pre-training context the ramp is measured against
     beta_fast: float = 32.0  # β, report §4.3
     beta_slow: float = 1.0  # α, report §4.3
-    mscale: float = 1.0  # √t = 0.1·mscale·ln(s) + 1, spec §1.4
+    mscale: float = 1.0  # √t = 0.1·mscale·ln(s) + 1, notes §1.4
     mscale_all_dim: float = 1.0
 
 
@@ -56,7 +56,7 @@ class ModelConfig:
     num_experts_per_tok: int = 2  # K_r (K)
     n_group: int = 4  # G: expert groups (nodes in the report)
     topk_group: int = 2  # M: groups a token may be routed to
-    routed_scaling_factor: float = 2.5  # spec §2.2 (code only, not in the report)
+    routed_scaling_factor: float = 2.5  # notes §2.2 (code only, not in the report)
     norm_topk_prob: bool = True  # Eq. 13: normalize gates over the selected experts
     first_k_dense_replace: int = 1
     num_nextn_predict_layers: int = 1  # D of MTP, report §2.2; 0 disables it
@@ -65,12 +65,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    initializer_range: float = 0.006  # init std, report §4.2 (HF's 0.02 is a library default, spec §9)
+    initializer_range: float = 0.006  # init std, report §4.2 (HF's 0.02 is a library default, notes §9)
     aux_loss_alpha: float = 0.0001  # α of the sequence-wise balance loss, report §4.2 (HF config says 0.001)
     dtype: str = "float32"  # matmul input dtype: "float32" or "bfloat16"; params and accumulation stay float32
     fp8: bool = False  # FP8-simulated linear layers, report §3.3 (minidsv3/fp8.py)
     fp8_block_size: int = 128  # N_C: 1×N_C activation tiles, N_C×N_C weight blocks, report §3.3.1
-    fp8_accum_mantissa_bits: int = 13  # limited-precision accumulator, [ISCA] §3.1.1 (spec §9 decision)
+    fp8_accum_mantissa_bits: int = 13  # limited-precision accumulator, [ISCA] §3.1.1 (notes §9 decision)
     fp8_promotion_interval: int = 128  # promote partial sums to float32 every N_C elements of K, report §3.3.2
     fp8_pow2_scales: bool = False  # round scales up to powers of two, report §3.3.2
 
@@ -116,7 +116,7 @@ class TrainConfig:
     tail_fraction: float = 0.05  # constant tail at the minimum (333B+167B of 14.8T tokens ≈ 0.034)
     adam_b1: float = 0.9
     adam_b2: float = 0.95
-    adam_eps: float = 1e-8  # not given in the report (spec §5)
+    adam_eps: float = 1e-8  # not given in the report (notes §5)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # aux-loss-free balancing and MTP, report §4.2

@@ -1,6 +1,6 @@
 """What a model is: its parameter count and its training FLOPs per token, both derived by hand from the config.
 
-Report §1 and Table 1 (spec §7); [ISCA] Tables 2 and 4 for FLOPs per token; spec §5 for the parameter check.
+Report §1 and Table 1 (notes §7); [ISCA] Tables 2 and 4 for FLOPs per token; notes §5 for the parameter check.
 minidsv3/accounting.py turns these into device-hours and Table 1.
 
 Parameters
@@ -17,7 +17,7 @@ is reported on its own line. Per layer (D hidden_size, H heads, E routed experts
     norms       input_layernorm D, post_attention_layernorm D
 plus embed_tokens V·D, the final norm D and lm_head D·V (unless tied). Each MTP module (report §2.2): enorm D, hnorm D,
 eh_proj 2D·D, one MoE block, and its own final norm D; the embedding and the head are shared with the main model.
-"Active per token" replaces E routed experts by K. V3 gives 671.03B total and 37.55B active (spec §5).
+"Active per token" replaces E routed experts by K. V3 gives 671.03B total and 37.55B active (notes §5).
 
 FLOPs per token
 ---------------
@@ -91,14 +91,14 @@ class ParamCount(NamedTuple):
     total: int  # main model: embedding, layers, final norm, head
     active: int  # main model per token: K of E routed experts, embedding and head included (37.55B for V3)
     active_no_embedding: int  # the same without the input embedding, whose lookup is not a matmul (36.62B for V3)
-    mtp: int  # unique to the MTP modules, the shared embedding and head excluded (11.61B for V3, spec §3)
-    mtp_active: int  # per token in the MTP modules, the shared embedding and head included (2.54B, spec §3)
+    mtp: int  # unique to the MTP modules, the shared embedding and head excluded (11.61B for V3, notes §3)
+    mtp_active: int  # per token in the MTP modules, the shared embedding and head included (2.54B, notes §3)
     router_bias: int  # e_score_correction_bias of the main model's MoE layers
     mtp_router_bias: int  # ... and of the MTP modules' MoE layers
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Count every nnx.Param of the model, the MTP modules separately (spec §5 check: 671.03B / 37.55B / 11.61B)."""
+    """Count every nnx.Param of the model, the MTP modules separately (notes §5 check: 671.03B / 37.55B / 11.61B)."""
     D, V = cfg.hidden_size, cfg.vocab_size
     embed, head = V * D, (0 if cfg.tie_word_embeddings else D * V)
     layers = range(cfg.num_hidden_layers)

@@ -1,5 +1,5 @@
 """FP8 training, simulated: fine-grained E4M3 quantization and limited-precision accumulation (report §3.3, App. B;
-[ISCA] §3.1; spec §4).
+[ISCA] §3.1; notes §4).
 
 How the recipe works
 --------------------
@@ -34,7 +34,7 @@ Linear takes ~8x as long as in float32, forward and backward). What this module 
     is computed in float32, added into a running accumulator that is truncated to `fp8_accum_mantissa_bits` fraction
     bits after every chunk, and that accumulator is flushed into a float32 sum every `fp8_promotion_interval`
     elements of K. Truncation, not rounding to nearest: [R] §3.5.2 says the tensor core aligns the products and
-    keeps only their "highest 14 bits" (spec §4), the rest cut off; [ISCA] calls the register FP22. We drop the low
+    keeps only their "highest 14 bits" (notes §4), the rest cut off; [ISCA] calls the register FP22. We drop the low
     bits of the magnitude (toward zero); a two's-complement (sign-fill) shift would send negative sums toward -inf
     instead. Either way the error is biased, so without promotion it grows like K, not √K.
   * the routed experts' GEMMs use the same `fp8_matmul`, vmapped over moe.dispatch's blocks of rows, each block
@@ -78,7 +78,7 @@ HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots must stay float32 on GPU too
 
 
 def _scales(amax: jax.Array, pow2: bool) -> jax.Array:
-    """s = max(amax, AMAX_FLOOR)/448, or the next power of two above it (UE8M0 scales, spec §4) when `pow2`."""
+    """s = max(amax, AMAX_FLOOR)/448, or the next power of two above it (UE8M0 scales, notes §4) when `pow2`."""
     s = jnp.maximum(amax, AMAX_FLOOR) / E4M3_MAX
     if pow2:
         mantissa, exponent = jnp.frexp(s)  # s = mantissa·2^exponent, mantissa in [0.5, 1): exact, unlike log2

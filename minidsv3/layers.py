@@ -1,6 +1,6 @@
 """Building blocks shared by attention, experts and the model: Linear, RMSNorm, SwiGLU MLP, RoPE with YaRN.
 
-Report §2.1 (RMSNorm, SwiGLU experts), §4.3 and spec §1.4, §6 (YaRN).
+Report §2.1 (RMSNorm, SwiGLU experts), §4.3 and notes §1.4, §6 (YaRN).
 Shape legend: B batch · T positions · D hidden_size · H heads · F an MLP's intermediate size.
 """
 
@@ -213,7 +213,7 @@ class MLP(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RoPE with YaRN (spec §6). Only the decoupled parts q^R and k^R are rotated (Eqs. 3, 8).
+# RoPE with YaRN (notes §6). Only the decoupled parts q^R and k^R are rotated (Eqs. 3, 8).
 
 
 def yarn_get_mscale(factor: float, mscale: float) -> float:
@@ -226,7 +226,7 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
 
     YaRN leaves short wavelengths alone (dims j < low rotate many times within the original context), divides long
     ones by s (j > high), and blends linearly in between. low/high are the dims whose wavelength fits β_fast and
-    β_slow rotations into the original context. For V3 (d=64, θ=1e4, 4096, β=32/1): low=10, high=23 (spec §6).
+    β_slow rotations into the original context. For V3 (d=64, θ=1e4, 4096, β=32/1): low=10, high=23 (notes §6).
     """
     dim = cfg.qk_rope_head_dim
     freqs = cfg.rope_theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # (d/2,)
@@ -248,7 +248,7 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """1/sqrt(d_h + d_h^R) (Eq. 10), times mscale² under YaRN (spec §1.4: 0.0722 -> 0.1352 for V3 at s=40)."""
+    """1/sqrt(d_h + d_h^R) (Eq. 10), times mscale² under YaRN (notes §1.4: 0.0722 -> 0.1352 for V3 at s=40)."""
     scale = cfg.qk_head_dim**-0.5
     if cfg.rope_scaling is not None:
         scale *= yarn_get_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2
@@ -256,7 +256,7 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Array:
-    """Rotate adjacent pairs (x_2j, x_2j+1) by angle pos·freq_j, the interleaved layout of DeepSeek's code (spec §1.3).
+    """Rotate adjacent pairs (x_2j, x_2j+1) by angle pos·freq_j, the interleaved layout of DeepSeek's code (notes §1.3).
 
     x: (B, T, ..., d) with `positions` (B, T) or (T,); any axes between T and d (heads) share the rotation.
     """

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), report §2.1.1, Eqs. 1-11; spec §1.
+"""Multi-head latent attention (MLA), report §2.1.1, Eqs. 1-11; notes §1.
 
 Shape legend: B batch · T query positions · S key positions · D hidden_size · H heads · N flattened tokens · V vocab.
 Other dims are written by config field name. Einsum letters: b t s h as in the legend, and
@@ -14,11 +14,11 @@ all heads share (Eq. 3), so the expansion matrices stay position-free. Queries g
 Absorbed decode: attention inside the latent space
 --------------------------------------------------
 How it works. At generation time we cache only c^KV (already passed through kv_a_layernorm) and the roped k^R: that is
-kv_lora_rank + qk_rope_head_dim floats per token and layer (576 for V3, spec §1.6), against H·(qk_head_dim + v_head_dim)
+kv_lora_rank + qk_rope_head_dim floats per token and layer (576 for V3, notes §1.6), against H·(qk_head_dim + v_head_dim)
 = 40,960 for the per-head keys and values of the naive path's cache. The naive way to use the latent cache expands it
 back, k^C_{j,i} = W^UK_i c_j and v_{j,i} = W^UV_i c_j, for every cached position j at every step: H·(k+v)·c
 multiply-adds per cached token per step, and a (B, S, H, k+v) tensor in memory. Matrix products associate, so both
-expansions can be moved to the query side instead (spec §1.5, [V2] §2.1.2):
+expansions can be moved to the query side instead (notes §1.5, [V2] §2.1.2):
 
     q^C_{t,i}·(W^UK_i c_j) = (W^UK_iᵀ q^C_{t,i})·c_j                 W^UK is "absorbed" into the query
     Σ_j p_{t,j} (W^UV_i c_j) = W^UV_i (Σ_j p_{t,j} c_j)              W^UV is applied once, after the weighted sum
@@ -192,7 +192,7 @@ class MultiHeadLatentAttention(nnx.Module):
         # Query t sees cache slots 0..start+t: the earlier tokens, the new ones up to itself; never unwritten slots.
         mask = jnp.arange(S_max)[None, :] <= positions[:, None]  # (T, S_max)
 
-        if not absorb:  # naive: expand every cached latent to per-head keys and values (spec §1.5 "naive")
+        if not absorb:  # naive: expand every cached latent to per-head keys and values (notes §1.5 "naive")
             k_nope, v = self._expand(c_kv)  # (B, S_max, H, k), (B, S_max, H, v)
             q, k = self._joint_heads(q_nope, q_rope, k_nope, k_rope)  # (B, T, H, k+r), (B, S_max, H, k+r)
             o = self._attend(q, k, v, mask)  # (B, T, H, v)

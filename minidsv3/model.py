@@ -102,7 +102,7 @@ class Transformer(nnx.Module):
             )
         return self.norm(h), aux  # (B, T, D)
 
-    # -- generation from the compressed latent cache (spec §1.5) --------------------------------------------------
+    # -- generation from the compressed latent cache (notes §1.5) --------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int) -> list[LatentCache]:
         """One latent cache per layer: (B, S, kv_lora_rank) + (B, S, qk_rope_head_dim) floats."""
@@ -140,7 +140,7 @@ def training_loss(model: Transformer, batch: dict, mtp_lambda: jax.Array) -> tup
     )
     main = masked_mean(model.head_nll(h_normed, batch["targets"]), batch["loss_mask"])  # no (B, T, V) logits kept
     loss = main + mtp_lambda * aux["mtp_loss"] + aux["balance_loss"]
-    return loss, {"loss": main, **aux}
+    return loss, {"main_loss": main, "total_loss": loss, **aux}
 
 
 def routers(model: Transformer) -> list[moe.Router]:

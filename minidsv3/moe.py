@@ -1,4 +1,4 @@
-"""DeepSeekMoE with auxiliary-loss-free load balancing: report §2.1.2, Eqs. 12-20 (spec §2).
+"""DeepSeekMoE with auxiliary-loss-free load balancing: report §2.1.2, Eqs. 12-20 (notes §2).
 
 Shape legend: B batch · T positions · D hidden_size · E routed experts · K experts per token · G groups ·
 N flattened tokens · F moe_intermediate_size.
@@ -19,14 +19,14 @@ competition, the model's function is changed only through *which* experts run, a
 gradient on the router weights, apart from a tiny (α = 1e-4) sequence-wise balance loss (Eqs. 17-20) that guards
 against one sequence sending all its tokens to the same few experts.
 
-Routing is group-limited (spec §2.2, following the released code [G]): the E experts are split into G groups (one per
+Routing is group-limited (notes §2.2, following the released code [G]): the E experts are split into G groups (one per
 node in production), each group is scored by the sum of its two highest *biased* scores, only the best `topk_group`
 groups stay eligible, and the top-K is taken among their experts. That bounds how many nodes a token's activations
 are sent to.
 
 Choices made here
 -----------------
-- Routing follows [G] exactly (spec §9): top-2-sum group scores over biased scores, dropped groups masked with −inf
+- Routing follows [G] exactly (notes §9): top-2-sum group scores over biased scores, dropped groups masked with −inf
   (HF's 0.0 would let a dropped group win once biases go negative), gates from the unbiased scores.
 - The router runs in float32 at HIGHEST matmul precision (no TF32 on GPUs, never FP8): the report keeps the gating
   module in high precision (§3.3), and a sigmoid's small differences decide the top-K.
@@ -41,7 +41,7 @@ How it differs from production
 ------------------------------
 DeepSeek spreads 256 experts over 64 GPUs with expert parallelism, all-to-all dispatch over NVLink/InfiniBand and
 custom kernels (DeepEP, DeepGEMM); we run all experts on one device with two gathers and three batched matmuls. The report
-does not publish its training-time router code (the released one is inference-only, spec §2.2), so the bias update
+does not publish its training-time router code (the released one is inference-only, notes §2.2), so the bias update
 here is [LF]'s Algorithm 1 as the report describes it, with γ and its freeze schedule from TrainConfig.
 """
 
@@ -90,7 +90,7 @@ class Router(nnx.Module):
 
 
 def group_scores(biased: jax.Array, n_group: int) -> jax.Array:
-    """biased (N, E) -> (N, G): each group's sum of its two highest biased scores (spec §2.2; [R]'s K_r/M = 8/4 = 2).
+    """biased (N, E) -> (N, G): each group's sum of its two highest biased scores (notes §2.2; [R]'s K_r/M = 8/4 = 2).
 
     A group of a single expert is scored by that expert alone.
     """
@@ -100,7 +100,7 @@ def group_scores(biased: jax.Array, n_group: int) -> jax.Array:
 
 
 def select_experts(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """scores (N, E), bias (E,) -> topk_idx (N, K) int32: group-limited top-K over s + b (Eq. 16, spec §2.2).
+    """scores (N, E), bias (E,) -> topk_idx (N, K) int32: group-limited top-K over s + b (Eq. 16, notes §2.2).
 
     The selection is a discrete choice: no gradient flows through it, and none reaches the bias.
     """
@@ -116,7 +116,7 @@ def select_experts(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> jax.
 
 def gate_values(scores: jax.Array, topk_idx: jax.Array, cfg: ModelConfig) -> jax.Array:
     """scores (N, E), topk_idx (N, K) -> gates (N, K): unbiased s at the chosen experts (Eq. 16), renormalized over
-    them (Eq. 13), times routed_scaling_factor (spec §2.2). Differentiable w.r.t. the scores."""
+    them (Eq. 13), times routed_scaling_factor (notes §2.2). Differentiable w.r.t. the scores."""
     gates = jnp.take_along_axis(scores, topk_idx, axis=-1)  # (N, K) g'_{i,t}, Eq. 16
     if cfg.norm_topk_prob:
         gates = gates / (gates.sum(axis=-1, keepdims=True) + 1e-20)  # (N, K) Eq. 13; 1e-20 as [HFt], if all underflow
@@ -337,7 +337,7 @@ def sequence_balance_loss(
     n_valid = valid.sum(axis=-1)  # (B,) T of Eqs. 18, 20
     denom = jnp.maximum(n_valid, 1.0)[:, None]  # (B, 1)
     # NOTE: Eq. 18 writes f_i with the Topk of the *unbiased* s; we count the actual routing decision (biased,
-    # group-limited), which the caller passes as topk_idx. The report leaves this open (spec §2.4); the loss exists to
+    # group-limited), which the caller passes as topk_idx. The report leaves this open (notes §2.4); the loss exists to
     # curb imbalance within a sequence, and the imbalance that costs is the one the tokens are really routed with.
     chosen = jax.nn.one_hot(topk_idx, e, dtype=jnp.float32).sum(axis=-2)  # (B, T, E) 1(expert i chosen for t)
     f = e / (k * denom) * jnp.einsum("bte,bt->be", chosen, valid)  # (B, E) Eq. 18; no gradient (a count)

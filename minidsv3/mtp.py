@@ -19,7 +19,7 @@ pre-training batch with no mask), as Eq. 24 writes, not by T-k. `mtp_loss` retur
 step multiplies by λ (its schedule is `schedules.mtp_lambda`, applied in `model.training_loss`), Eq. 25.
 
 How it differs from production. NOTE: the concatenation order is [Emb; h] (embedding first), the layout of the
-released weights (`eh_proj`, see spec §9 item 6) rather than Eq. 21's [h; Emb], so checkpoints map 1:1. Each module
+released weights (`eh_proj`, see notes §9 item 6) rather than Eq. 21's [h; Emb], so checkpoints map 1:1. Each module
 has its own final RMSNorm before the shared head (the released `shared_head.norm`). h^0 is the main model's last
 hidden state before its final norm (the report leaves this unspecified); `hnorm` normalizes it anyway.
 """

@@ -13,10 +13,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir`/metrics.jsonl, one dict per logged line (training steps and evaluations)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write loss.png, expert_load.png and router_bias.png into `run_dir`; return their paths."""
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     steps = [r for r in records if not r.get("eval")]
     evals = [r for r in records if r.get("eval")]
     if not steps:
@@ -24,7 +29,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    ax.plot([r["step"] for r in steps], [r["main_loss"] for r in steps], lw=0.8, label="train loss (main)")
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
     for prev, cur in itertools.pairwise(steps):
         if cur["stage"] != prev["stage"]:

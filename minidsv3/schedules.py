@@ -1,4 +1,4 @@
-"""The run's schedules, in optimizer steps over the three stages (report §4.2, §4.3, §5.1; spec §5, §6).
+"""The run's schedules, in optimizer steps over the three stages (report §4.2, §4.3, §5.1; notes §5, §6).
 
 One global step counter runs through pre-training [0, P), context extension [P, P+C) and post-training
 [P+C, P+C+S). Each function maps it to a value; the optimizer's learning rate is `learning_rate`, while γ and λ are

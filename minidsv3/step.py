@@ -50,7 +50,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict
     loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + D, E)
     update_router_biases(model, loads, gamma)
     return {
-        "loss": metrics["loss"].mean(),
+        "main_loss": metrics["main_loss"].mean(),  # next-token cross-entropy, the number to compare across runs
+        "total_loss": metrics["total_loss"].mean(),  # what the gradient descends: main + λ·MTP + balance
         "mtp_loss": metrics["mtp_loss"].mean(),
         "balance_loss": metrics["balance_loss"].mean(),
         "grad_norm": optax.tree.norm(grads),

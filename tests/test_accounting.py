@@ -96,10 +96,10 @@ def test_non_causal_attention_sees_every_key(cfg):
 def test_deepseek_v3_has_671b_parameters_37b_active_and_an_11_5b_mtp_module():
     p = count_params(load_model_config(CONFIGS / "deepseek_v3.toml"))
     np.testing.assert_allclose(p.total, 671e9, rtol=0.005)  # [R] §1
-    np.testing.assert_allclose(p.active, 37e9, rtol=0.03)  # [R] §1 (37.55B counted, spec §5)
+    np.testing.assert_allclose(p.active, 37e9, rtol=0.03)  # [R] §1 (37.55B counted, notes §5)
     np.testing.assert_allclose(p.active - p.active_no_embedding, 129280 * 7168)  # the 0.927B embedding
-    np.testing.assert_allclose(p.mtp, 11.5e9, rtol=0.01)  # [G] README_WEIGHTS (11.61B counted, spec §3)
-    np.testing.assert_allclose(p.mtp_active, 2.4e9, rtol=0.06)  # [G] README_WEIGHTS (2.54B counted, spec §3)
+    np.testing.assert_allclose(p.mtp, 11.5e9, rtol=0.01)  # [G] README_WEIGHTS (11.61B counted, notes §3)
+    np.testing.assert_allclose(p.mtp_active, 2.4e9, rtol=0.06)  # [G] README_WEIGHTS (2.54B counted, notes §3)
 
 
 def test_deepseek_v2_has_236b_parameters_and_21b_active():
@@ -127,7 +127,7 @@ def test_the_deepseek_v3_preset_reproduces_table_1():
     cfg = load_model_config(p["config"])
     costs = accounting.project(cfg, p["plans"], device_count=2048, peak_flops=989.4e12)
     pretrain, context, sft = costs
-    # 14.8T / 272.8B tokens per day = 54.25 days on 2048 GPUs = 2,666,745 GPU-hours (spec §7)
+    # 14.8T / 272.8B tokens per day = 54.25 days on 2048 GPUs = 2,666,745 GPU-hours (notes §7)
     np.testing.assert_allclose(pretrain.device_hours, 2664e3, rtol=0.01)
     np.testing.assert_allclose(pretrain.device_hours * 2.0, 5.328e6, rtol=0.01)
     total = sum(c.device_hours for c in costs)
@@ -145,7 +145,7 @@ def test_the_preset_command_prints_table_1_and_the_context_mfu(capsys):
     accounting.main(["project", "--preset", "deepseek-v3"])
     out = capsys.readouterr().out
     assert "| Training Costs | Pre-Training | Context Extension | Post-Training | Total |" in out
-    assert "| in H800 GPU Hours | 2667K | 119K | 5K | 2791K |" in out  # 2666.7K + 119K + 5K, spec §7
+    assert "| in H800 GPU Hours | 2667K | 119K | 5K | 2791K |" in out  # 2666.7K + 119K + 5K, notes §7
     assert "Context Extension:" in out and "implied MFU" in out
 
 

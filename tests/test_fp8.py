@@ -1,4 +1,4 @@
-"""FP8 recipe (report §3.3, App. B; spec §4): tile-wise E4M3 quantization, limited accumulation with promotion,
+"""FP8 recipe (report §3.3, App. B; notes §4): tile-wise E4M3 quantization, limited accumulation with promotion,
 and the FP8 Linear against float32 and against an independent numpy reference of the same recipe.
 
 Bounds used below, derived once:
@@ -35,7 +35,7 @@ def fp8_cfg(cfg):
 
 
 def np_quantize_dequantize(x, tile):
-    """Independent reference of spec §4's recipe: a loop over tiles in numpy with ml_dtypes' E4M3."""
+    """Independent reference of notes §4's recipe: a loop over tiles in numpy with ml_dtypes' E4M3."""
     x = np.asarray(x, np.float32)
     out = np.empty_like(x)
     for i in range(0, x.shape[0], tile[0]):
@@ -210,7 +210,7 @@ def run_linear(x, w, g, cfg):
 
 
 def test_fp8_matmul_and_its_gradients_match_the_numpy_recipe_within_the_accumulation_bound(fp8_cfg):
-    # Fprop X 1×B · W B×B; Dgrad dY 1×B · Wᵀ B×B; Wgrad (X 1×B re-tiled B×1)ᵀ · dY B×1 (spec §4 [derived] tiling)
+    # Fprop X 1×B · W B×B; Dgrad dY 1×B · Wᵀ B×B; Wgrad (X 1×B re-tiled B×1)ᵀ · dY B×1 (notes §4 [derived] tiling)
     x, w, g = linear_case(10)
     y, dx, dw = run_linear(x, w, g, fp8_cfg)
     xq, wq = np_quantize_dequantize(x, (1, B)), np_quantize_dequantize(w, (B, B))

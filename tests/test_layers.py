@@ -1,4 +1,4 @@
-"""Building blocks (minidsv3/layers.py): RMSNorm, RoPE and YaRN (report §4.3, spec §1.4, §6), SwiGLU, Linear."""
+"""Building blocks (minidsv3/layers.py): RMSNorm, RoPE and YaRN (report §4.3, notes §1.4, §6), SwiGLU, Linear."""
 
 import dataclasses
 import math
@@ -11,7 +11,7 @@ from flax import nnx
 from minidsv3.config import ModelConfig, RopeScaling
 from minidsv3.layers import MLP, Linear, RMSNorm, apply_rope, rope_frequencies, softmax_scale
 
-# DeepSeek-V3's attention widths and rope (spec §1.3, §6).
+# DeepSeek-V3's attention widths and rope (notes §1.3, §6).
 V3_ROPE = ModelConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000.0)
 V3_YARN = dataclasses.replace(
     V3_ROPE,
@@ -100,14 +100,14 @@ def test_rope_frequencies_without_yarn_are_theta_to_the_minus_2j_over_d():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# YaRN with DeepSeek-V3's parameters: low = 10, high = 23 (spec §6)
+# YaRN with DeepSeek-V3's parameters: low = 10, high = 23 (notes §6)
 
 
 def test_yarn_keeps_high_frequencies_and_divides_low_ones_by_the_factor():
     base = 1e4 ** (-np.arange(0, 64, 2) / 64)  # θ^(-2j/64), j = 0..31
     yarn = np.asarray(rope_frequencies(V3_YARN))
     np.testing.assert_allclose(rope_frequencies(V3_ROPE), base, rtol=1e-6)
-    # ramp_j = clamp((j - 10) / 13, 0, 1) is 0 for j <= 10 and 1 for j >= 23 (spec §6 states j < 10 and j > 23;
+    # ramp_j = clamp((j - 10) / 13, 0, 1) is 0 for j <= 10 and 1 for j >= 23 (notes §6 states j < 10 and j > 23;
     # the boundary dims 10 and 23 sit exactly at the ramp's ends)
     np.testing.assert_allclose(yarn[:11], base[:11], rtol=1e-6)
     np.testing.assert_allclose(yarn[23:], base[23:] / 40, rtol=1e-6)

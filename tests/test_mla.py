@@ -1,5 +1,5 @@
 """Multi-head latent attention (report §2.1.1, Eqs. 1-11): invariants, worked examples, and agreement of the
-training path with both decode paths (naive and absorbed, spec §1.5) over the latent cache."""
+training path with both decode paths (naive and absorbed, notes §1.5) over the latent cache."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: routing (Eqs. 13-16, spec §2.2), dispatch (Eq. 12), balance loss (Eqs. 17-20), bias update ([LF])."""
+"""DeepSeekMoE: routing (Eqs. 13-16, notes §2.2), dispatch (Eq. 12), balance loss (Eqs. 17-20), bias update ([LF])."""
 
 import dataclasses
 

@@ -59,7 +59,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def train_records(run: Path) -> list[tuple]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["stage"], r["loss"], r["router_bias"]) for r in lines if not r.get("eval")]
+    return [(r["step"], r["stage"], r["main_loss"], r["router_bias"]) for r in lines if not r.get("eval")]
 
 
 @pytest.mark.slow
