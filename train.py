@@ -4,7 +4,8 @@
     python train.py configs/small.toml --train.pretrain_steps=2000 --data.path=my_corpus/
 
 config -> data -> model and optimizer -> resume if the run folder has a checkpoint -> for each stage (pre-training,
-context extension, post-training): nnx.jit train steps, evaluation, checkpoints -> plots, samples and the cost table.
+context extension, post-training): each step's batch size, learning rate, λ and γ from the tokens seen
+(minidsv3/schedules.py), nnx.jit train steps, evaluation, checkpoints -> plots, samples and the cost table.
 Ctrl-C (or SIGTERM) saves a checkpoint and exits; running the same command again continues the run exactly.
 """
 
@@ -22,8 +23,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from minidsv3 import accounting, checkpoint, config, data, flops, generate, plots, schedules, sft
-from minidsv3.model import Transformer, routers, with_config
+from minidsv3 import accounting, batches, checkpoint, config, data, flops, generate, plots, run, schedules, sft
+from minidsv3.ledger import Ledger
+from minidsv3.model import Transformer, with_config
 from minidsv3.step import evaluate, make_optimizer, train_step
 
 
@@ -32,13 +34,10 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def mean_maxvio(ev: dict, per_layer: bool = False) -> str:
-    """An evaluation's MaxVio_global averaged over the MoE layers, as [LF] reports it, and its layers' own values."""
-    layers = ev["maxvio_global"]
-    if not layers:  # first_k_dense_replace = num_hidden_layers: nothing is routed
-        return "n/a (no MoE layer)"
-    per = f" (per MoE layer: {', '.join(f'{v:.3f}' for v in layers)})" if per_layer else ""
-    return f"{np.mean(layers):.3f}{per}"
+def next_micro_batches(loader, n_micro: int) -> dict:
+    """A step's n_micro micro-batches from `loader`, stacked: inputs, targets, loss_mask, token_mask (micro, B, T)."""
+    micro = [loader.next_batch() for _ in range(n_micro)]
+    return {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (micro, B, T)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,29 +47,11 @@ args = sys.argv[1:]
 config_path = args.pop(0) if args and not args[0].startswith("--") else Path(__file__).parent / "configs/tiny.toml"
 try:
     cfg = config.load(config_path, args)
-except config.ConfigError as e:
+    resolved = config.to_dict(cfg)
+    run_dir = run.open_run_folder(cfg.train.out_dir, resolved)  # writes config.json, or checks it is this run's
+except (config.ConfigError, run.RunFolderError) as e:
     fail(str(e))
-t = cfg.train
-run_dir = Path(t.out_dir).absolute()
-try:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ".write-test").touch()
-    (run_dir / ".write-test").unlink()
-except OSError as e:
-    fail(f"{run_dir}: run folder is not writable ({e.strerror}); choose another --train.out_dir")
-config_file = run_dir / "config.json"
-resolved = config.to_dict(cfg)
-
-
-if config_file.exists():
-    try:
-        previous = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
-        fail(f"{config_file}: is not valid JSON; delete the run folder or choose another --train.out_dir")
-    if config.run_defining(previous) != config.run_defining(json.loads(json.dumps(resolved))):
-        fail(f"{run_dir}: holds a run with a different config; choose another --train.out_dir or delete that folder")
-else:
-    config_file.write_text(json.dumps(resolved, indent=2))
+tc = cfg.train
 print(f"run folder {run_dir}")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,29 +77,29 @@ print(
 
 # The three stages of Table 1. Context extension stretches the sequence by s and switches YaRN on (report §4.3),
 # with batch/s sequences so that a step holds the same tokens (15360 x 4K = 1920 x 32K in the report).
-s = t.context_yarn_factor
+s = tc.context_yarn_factor
 long_seq = round(cfg.data.seq_len * s)
 yarn_model = dataclasses.replace(
     cfg.model,
     rope_scaling=config.RopeScaling(factor=s, original_max_position_embeddings=cfg.data.seq_len),
     max_position_embeddings=max(cfg.model.max_position_embeddings, long_seq),
 )
-extended = t.context_steps > 0 and s > 1
+extended = tc.context_steps > 0 and s > 1
 sft_seq = long_seq if extended else cfg.data.seq_len
 stages = [
-    {"name": "pretrain", "steps": t.pretrain_steps, "seq_len": cfg.data.seq_len, "model": cfg.model},
-    {"name": "context", "steps": t.context_steps, "seq_len": long_seq, "model": yarn_model},
-    {"name": "sft", "steps": t.sft_steps, "seq_len": sft_seq, "model": yarn_model if extended else cfg.model},
+    {"name": "pretrain", "steps": tc.pretrain_steps, "seq_len": cfg.data.seq_len, "model": cfg.model},
+    {"name": "context", "steps": tc.context_steps, "seq_len": long_seq, "model": yarn_model},
+    {"name": "sft", "steps": tc.sft_steps, "seq_len": sft_seq, "model": yarn_model if extended else cfg.model},
 ]
-context_batch = max(1, int(t.batch_size / s))
+context_batch = max(1, int(tc.batch_size / s))
 try:  # each stage's loader and validation batches; a stage switched off (0 steps) needs no data
-    stages[0]["val"] = data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, t.eval_batches)
-    if t.pretrain_steps:
-        stages[0]["batches"] = data.PackedBatches(train_tokens, cfg.data.seq_len, t.batch_size, t.seed)
-    if t.context_steps:
-        stages[1]["batches"] = data.PackedBatches(train_tokens, long_seq, context_batch, t.seed + 1)
-        stages[1]["val"] = data.eval_batches(val_tokens, long_seq, context_batch, t.eval_batches)
-    if t.sft_steps:  # post-training pairs: a JSONL, or signature+docstring -> body mined from the corpus
+    stages[0]["val"] = batches.eval_batches(val_tokens, cfg.data.seq_len, tc.batch_size, tc.eval_batches)
+    if tc.pretrain_steps:
+        stages[0]["batches"] = batches.PackedBatches(train_tokens, cfg.data.seq_len, tc.batch_size, tc.seed)
+    if tc.context_steps:
+        stages[1]["batches"] = batches.PackedBatches(train_tokens, long_seq, context_batch, tc.seed + 1)
+        stages[1]["val"] = batches.eval_batches(val_tokens, long_seq, context_batch, tc.eval_batches)
+    if tc.sft_steps:  # post-training pairs: a JSONL, or signature+docstring -> body mined from the corpus
         pairs = sft.load_jsonl(cfg.data.sft_path) if cfg.data.sft_path else sft.extract_pairs(docs)
         if len(pairs) < 2 and not cfg.data.sft_path:
             fail(
@@ -126,8 +107,8 @@ try:  # each stage's loader and validation batches; a stage switched off (0 step
                 " or switch post-training off with --train.sft_steps=0"
             )
         sft_train, sft_val = sft.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
-        stages[2]["batches"] = sft.SFTBatches(sft_train, tokenizer, sft_seq, t.batch_size, t.seed + 2)
-        stages[2]["val"] = sft.eval_batches(sft_val, tokenizer, sft_seq, t.batch_size, t.eval_batches)
+        stages[2]["batches"] = sft.SFTBatches(sft_train, tokenizer, sft_seq, tc.batch_size, tc.seed + 2)
+        stages[2]["val"] = sft.eval_batches(sft_val, tokenizer, sft_seq, tc.batch_size, tc.eval_batches)
         print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
 except data.DataError as e:
     fail(str(e))
@@ -135,13 +116,17 @@ stages = [st for st in stages if st["steps"] or st["name"] == "pretrain"]  # at 
 total_steps = sum(st["steps"] for st in stages)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model and optimizer (AdamW, report §4.2), then resume
+# Model and optimizer (AdamW, report §4.2), the batch-size ramp, then resume
 
-model = Transformer(cfg.model, rngs=nnx.Rngs(t.seed))
-optimizer = make_optimizer(model, t)
-ledger = accounting.Ledger(*accounting.device_peak(), price_per_hour=t.price_per_hour)
+model = Transformer(cfg.model, rngs=nnx.Rngs(tc.seed))
+optimizer = make_optimizer(model, tc)
+ramp = schedules.BatchRamp(tc, cfg.data.seq_len)  # micro-batches per step, and pre-training tokens seen, by step
+if tc.batch_ramp_tokens:
+    levels = [f"{lv.micro_batches * tc.batch_size} from step {lv.first_step}" for lv in ramp.levels]
+    print(f"batch-size ramp (sequences per step): {', '.join(levels)}")
+ledger = Ledger(*accounting.device_peak(), price_per_hour=tc.price_per_hour)
 step = 0
-if (last := checkpoint.latest_step(run_dir)) is not None:
+if checkpoint.latest_step(run_dir) is not None:
     try:
         meta = checkpoint.restore(run_dir, model, optimizer)
     except checkpoint.CheckpointError as e:
@@ -150,19 +135,9 @@ if (last := checkpoint.latest_step(run_dir)) is not None:
     for st in stages:
         if st["steps"]:
             st["batches"].load_state_dict(meta["loaders"][st["name"]])
-    ledger = accounting.Ledger.from_dict(meta["ledger"])
+    ledger = Ledger.from_dict(meta["ledger"])
     print(f"resumed from checkpoint at step {step} of {total_steps}")
-# metrics.jsonl holds exactly the steps up to the checkpoint: later lines (from a run that died) are dropped.
-metrics_file = run_dir / "metrics.jsonl"
-if metrics_file.exists():
-    kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= step]
-    metrics_file.write_text("".join(ln + "\n" for ln in kept))
-metrics_out = metrics_file.open("a")
-
-
-def log(record: dict) -> None:
-    metrics_out.write(json.dumps(record) + "\n")
-    metrics_out.flush()
+metrics_out = run.open_metrics(run_dir, step)  # the records up to the checkpoint; later ones are dropped
 
 
 def save_checkpoint() -> None:
@@ -174,7 +149,7 @@ def save_checkpoint() -> None:
         "model_config": config.to_dict(model.cfg),  # the current stage's (YaRN on after pre-training)
         "tokenizer": tokenizer.to_str(),
     }
-    checkpoint.save(run_dir, step, model, optimizer, meta, t.keep_checkpoints)
+    checkpoint.save(run_dir, step, model, optimizer, meta, tc.keep_checkpoints)
 
 
 stop_signal = []
@@ -194,56 +169,58 @@ for st in stages:
     # cached_partial walks the model's module graph once, not on every call (~0.3 s a step for the tiny model).
     step_fn = nnx.cached_partial(train_step, model, optimizer)
     flops_per_token = flops.flops_per_token(st["model"], st["seq_len"]).total
+    speed = run.Throughput()
     bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
-    stage_tokens, stage_seconds, stage_steps = 0, 0.0, 0
-    while step < stage_end and not stop_signal and not 0 < t.stop_after_steps <= step:
-        gamma, lam = schedules.bias_update_speed(step, t), schedules.mtp_lambda(step, t)
-        micro = [st["batches"].next_batch() for _ in range(t.grad_accum_steps)]
-        micro = {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (A, B, T)
+    while step < stage_end and not stop_signal and not 0 < tc.stop_after_steps <= step:
+        # schedules: the batch (ramp), learning rate, λ and γ of this step, from the tokens seen (report §4.2)
+        micro = next_micro_batches(st["batches"], ramp.micro_batches(step))  # (micro, B, T) each
+        lr = schedules.learning_rate(step, tc, ramp)
+        lam, gamma = schedules.mtp_lambda(step, tc, ramp), schedules.bias_update_speed(step, tc, ramp)
+
+        # forward, backward, update (then the router-bias update, inside the step)
         tic = time.perf_counter()
-        out = step_fn(micro, lam, gamma)
+        out = step_fn(micro, lr, lam, gamma)
         loss = float(out["main_loss"])  # waits for the step
         seconds = time.perf_counter() - tic
+        step += 1
+
+        # log
         tokens = int(micro["inputs"].size)
-        if stage_steps > 0:  # the first step of a stage includes compilation; keep it out of the throughput
-            stage_tokens, stage_seconds = stage_tokens + tokens, stage_seconds + seconds
         ledger.record(st["name"], steps=1, tokens=tokens, seconds=seconds, seq_len=st["seq_len"],
                       flops=tokens * flops_per_token)  # fmt: skip
-        stage_steps += 1
-        step += 1
-        load = np.asarray(out["expert_load"])  # (L_moe, E)
-        maxvio_batch = float(out["maxvio_batch"]) if load.size else None  # None: no MoE layer routes anything
-        biases = [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)]
-        lr = float(schedules.learning_rate(step - 1, t))
-        log({"step": step, "stage": st["name"], "main_loss": loss, "total_loss": float(out["total_loss"]), "mtp_loss": float(out["mtp_loss"]),
-             "balance_loss": float(out["balance_loss"]), "grad_norm": float(out["grad_norm"]), "lr": lr,
-             "gamma": gamma, "mtp_lambda": lam, "tokens": tokens, "seconds": seconds, "maxvio_batch": maxvio_batch,
-             "expert_load": load.tolist(), "router_bias": biases})  # fmt: skip
-        tok_s = stage_tokens / stage_seconds if stage_seconds else 0.0
-        shown = f" MaxVio {maxvio_batch:.2f}" if maxvio_batch is not None else ""
+        record = run.step_record(step, st["name"], out, model, lr=lr, gamma=gamma, mtp_lambda=lam, tokens=tokens,
+                                 seconds=seconds)  # fmt: skip
+        run.write_record(metrics_out, record)
+        tok_s = speed.add(micro["inputs"].shape, tokens, seconds)
+        shown = f" MaxVio {record['maxvio_batch']:.2f}" if record["maxvio_batch"] is not None else ""
         bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e} {tok_s:,.0f} tok/s{shown}")
         bar.update(1)
-        if step % t.eval_every == 0 or step == stage_end:
+
+        # evaluate
+        if step % tc.eval_every == 0 or step == stage_end:
             ev = evaluate(model, st["val"])
-            log({"step": step, "stage": st["name"], "eval": True, **ev})
+            run.write_record(metrics_out, {"step": step, "stage": st["name"], "eval": True, **ev})
             bar.write(
                 f"[{st['name']} step {step}] val loss {ev['val_loss']:.3f} ppl {ev['val_ppl']:.1f}"
-                f" MaxVio_global {mean_maxvio(ev)}"
+                f" MaxVio_global {run.mean_maxvio(ev)}"
             )
-        if step % t.ckpt_every == 0 or step == stage_end:
+
+        # checkpoint
+        if step % tc.ckpt_every == 0 or step == stage_end:
             save_checkpoint()
     bar.close()
-    if stop_signal:
+    if stop_signal or 0 < tc.stop_after_steps <= step:  # stopped early: save, say how to continue, exit
         save_checkpoint()
-        print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
-        sys.exit(128 + stop_signal[0])
-    if 0 < t.stop_after_steps <= step:
-        save_checkpoint()
+        if stop_signal:
+            print(
+                f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume"
+            )
+            sys.exit(128 + stop_signal[0])
         print(f"stopped after step {step} (train.stop_after_steps); checkpoint saved, run again to continue")
         sys.exit(0)
-    if t.sample_tokens:
+    if tc.sample_tokens:
         sample = generate.sample_text(
-            model, tokenizer, "def ", max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95, seed=t.seed
+            model, tokenizer, "def ", max_new_tokens=tc.sample_tokens, temperature=0.8, top_p=0.95, seed=tc.seed
         )
         print(f"--- sample after {st['name']} (temperature 0.8, top-p 0.95) ---\n{sample}\n---")
     stage_start = stage_end
@@ -255,20 +232,19 @@ metrics_out.close()
 # On the whole held-out pre-training text (MaxVio_global counts loads over the whole validation set, [LF] Eq. 4), and
 # on the held-out SFT pairs when post-training ran: after SFT the router biases balance SFT's data, not the corpus's.
 model = with_config(model, stages[-1]["model"])
-final = evaluate(model, data.eval_batches(val_tokens, cfg.data.seq_len, t.batch_size, None))
+final = evaluate(model, batches.eval_batches(val_tokens, cfg.data.seq_len, tc.batch_size, None))
 final["unigram_entropy"] = entropy
-if t.sft_steps:  # post-training is the last stage
+if tc.sft_steps:  # post-training is the last stage
     final["sft"] = evaluate(model, stages[-1]["val"])
 (run_dir / "final.json").write_text(json.dumps(final, indent=2))
 print(
     f"final validation loss {final['val_loss']:.3f} nats/token vs the corpus's unigram entropy {entropy:.3f}"
-    f" nats/token; MaxVio_global {mean_maxvio(final, per_layer=True)}"
-    + (f"; on the held-out SFT pairs: loss {final['sft']['val_loss']:.3f}, MaxVio {mean_maxvio(final['sft'])}"
+    f" nats/token; MaxVio_global {run.mean_maxvio(final, per_layer=True)}"
+    + (f"; on the held-out SFT pairs: loss {final['sft']['val_loss']:.3f}, MaxVio {run.mean_maxvio(final['sft'])}"
        if "sft" in final else "")
 )  # fmt: skip
 plots.plot_run(run_dir)
 ledger.save(run_dir / "ledger.json")
-table = ledger.format_table1()
-(run_dir / "costs.md").write_text(table + "\n")
+table = ledger.write_costs_md(run_dir / "costs.md")
 print(table)
 print(f"plots, metrics.jsonl, ledger.json and costs.md are in {run_dir}")

@@ -45,15 +45,15 @@ def minidsv3_step(cfg: config.Config, batch: int, seq_len: int, seed: int = 0):
     step_fn = nnx.cached_partial(train_step, model, optimizer)
     tokens = np.random.default_rng(seed).integers(0, cfg.model.vocab_size, (1, batch, seq_len + 1), dtype=np.int32)
     micro = {
-        "inputs": jnp.asarray(tokens[..., :-1]),  # (A=1, B, T)
+        "inputs": jnp.asarray(tokens[..., :-1]),  # (micro=1, B, T)
         "targets": jnp.asarray(tokens[..., 1:]),  # (1, B, T)
         "loss_mask": jnp.ones((1, batch, seq_len), jnp.float32),
         "token_mask": jnp.ones((1, batch, seq_len), jnp.float32),
     }
-    mtp_lambda, gamma = jnp.float32(0.0), jnp.float32(cfg.train.bias_update_speed)
+    lr, mtp_lambda, gamma = (jnp.float32(v) for v in (cfg.train.learning_rate, 0.0, cfg.train.bias_update_speed))
 
     def run() -> float:
-        return float(step_fn(micro, mtp_lambda, gamma)["main_loss"])  # the host fetch train.py's logging does
+        return float(step_fn(micro, lr, mtp_lambda, gamma)["main_loss"])  # the host fetch train.py's logging does
 
     return run
 

@@ -1,4 +1,5 @@
-"""Configuration: frozen dataclasses, TOML loading, `--section.field=value` overrides and validation.
+"""Configuration: frozen dataclasses, their validation, and `load` (a TOML file, then `--section.field=value`
+overrides; the reading and type-checking mechanics are in config_io.py).
 
 Architecture fields carry exactly the names of Hugging Face's `DeepseekV3Config`, so a config can be diffed against
 DeepSeek's own `config.json` (notes §8). Fields of our own carry the paper's symbol and source in a comment.
@@ -12,15 +13,11 @@ A run is described by one `Config` with three sections, each its own TOML table:
 from __future__ import annotations
 
 import dataclasses
-import math
-import tomllib
-import types
 import typing
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config value or combination is invalid; the message names the field and what is allowed."""
+# config.ConfigError and config.to_dict are part of this module's interface; they live with the loading mechanics
+from minidsv3.config_io import ConfigError, apply_override, build, read_toml, to_dict  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +104,18 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     seed: int = 0
     batch_size: int = 16  # sequences per micro-batch
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    # AdamW, report §4.2
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (once the batch-size ramp is over)
+    # batch-size ramp, report §4.2: 3,072 -> 15,360 sequences over the first 469B tokens (schedules.BatchRamp)
+    batch_ramp_start: int = 0  # sequences per step when pre-training starts, a multiple of batch_size; 0 = no ramp
+    batch_ramp_tokens: int = 0  # pre-training tokens over which the batch grows to batch_size·grad_accum_steps
+    # AdamW, report §4.2; the fractions are shares of the pre-training tokens (schedules.py)
     learning_rate: float = 3e-3  # peak; 2.2e-4 in the report at its scale
-    warmup_steps: int = 50  # linear warmup (2K steps in the report)
-    constant_fraction: float = 0.5  # share of pre-training steps held at the peak (10T of 14.8T tokens ≈ 0.68)
+    warmup_steps: int = 50  # linear warmup from 0, in steps (2K steps in the report); 0 = none
+    constant_fraction: float = 0.5  # share held at the peak (10T of 14.8T tokens ≈ 0.68)
     min_lr_ratio: float = 0.1  # cosine decay to 10 % of the peak (2.2e-4 -> 2.2e-5)
     tail_fraction: float = 0.05  # constant tail at the minimum (333B+167B of 14.8T tokens ≈ 0.034)
+    final_fraction: float = 0.0  # the tail's last share at final_lr_ratio·peak (167B of 14.8T ≈ 0.011); 0 = none
+    final_lr_ratio: float = 0.0  # 7.3e-6 / 2.2e-4 ≈ 0.033 in the report
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-8  # not given in the report (notes §5)
@@ -124,7 +126,7 @@ class TrainConfig:
     bias_freeze_fraction: float = 0.034  # γ = 0 for the last 500B of 14.8T pre-training tokens
     mtp_lambda: float = 0.3  # λ for the first 10T tokens
     mtp_lambda_late: float = 0.1  # λ for the remaining 4.8T
-    mtp_lambda_switch: float = 10.0 / 14.8  # fraction of pre-training after which λ drops
+    mtp_lambda_switch: float = 10.0 / 14.8  # share of the pre-training tokens after which λ drops
     # the three stages of Table 1; steps = 0 switches a stage off
     pretrain_steps: int = 600
     context_steps: int = 60  # context extension (report §4.3: two phases of 1000 steps)
@@ -158,25 +160,27 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def _require_each(section, prefix: str, names: tuple[str, ...], ok, allowed: str) -> None:
+    """_require(ok(value)) for each named field of `section`: "train.batch_size: must be > 0, got 0"."""
+    for name in names:
+        value = getattr(section, name)
+        _require(ok(value), f"{prefix}.{name}", f"must be {allowed}, got {value}")
+
+
 def validate_model(m: ModelConfig) -> None:
     """Reject every invalid value or combination, naming the field."""
-    for name in (
+    positive = (
         "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
         "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
         "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-        "fp8_block_size", "fp8_promotion_interval",
-    ):  # fmt: skip
-        _require(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
-    for name in ("q_lora_rank", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-        _require(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
-    for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
-        _require(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
-    _require(m.aux_loss_alpha >= 0, "model.aux_loss_alpha", f"must be >= 0, got {m.aux_loss_alpha}")
-    _require(
-        m.qk_rope_head_dim % 2 == 0,
-        "model.qk_rope_head_dim",
-        f"must be even (RoPE rotates pairs), got {m.qk_rope_head_dim}",
-    )
+        "fp8_block_size", "fp8_promotion_interval", "routed_scaling_factor", "rope_theta", "rms_norm_eps",
+        "initializer_range",
+    )  # fmt: skip
+    _require_each(m, "model", positive, lambda v: v > 0, "> 0")
+    non_negative = ("q_lora_rank", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+    _require_each(m, "model", (*non_negative, "aux_loss_alpha"), lambda v: v >= 0, ">= 0")
+    rope_dim = m.qk_rope_head_dim
+    _require(rope_dim % 2 == 0, "model.qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {rope_dim}")
     _require(m.topk_group <= m.n_group, "model.topk_group", f"must be <= n_group ({m.n_group}), got {m.topk_group}")
     _require(
         m.n_routed_experts % m.n_group == 0,
@@ -196,20 +200,13 @@ def validate_model(m: ModelConfig) -> None:
         f"must be <= num_hidden_layers ({m.num_hidden_layers}), got {m.first_k_dense_replace}",
     )
     _require(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be 'float32' or 'bfloat16', got {m.dtype!r}")
-    _require(
-        1 <= m.fp8_accum_mantissa_bits <= 23,
-        "model.fp8_accum_mantissa_bits",
-        f"must be in [1, 23] (float32 has 23), got {m.fp8_accum_mantissa_bits}",
-    )
+    bits = m.fp8_accum_mantissa_bits
+    _require(1 <= bits <= 23, "model.fp8_accum_mantissa_bits", f"must be in [1, 23] (float32 has 23), got {bits}")
     if m.rope_scaling is not None:
         r = m.rope_scaling
         _require(r.type == "yarn", "model.rope_scaling.type", f"only 'yarn' is supported, got {r.type!r}")
         _require(r.factor >= 1, "model.rope_scaling.factor", f"must be >= 1, got {r.factor}")
-        _require(
-            r.original_max_position_embeddings > 0,
-            "model.rope_scaling.original_max_position_embeddings",
-            f"must be > 0, got {r.original_max_position_embeddings}",
-        )
+        _require_each(r, "model.rope_scaling", ("original_max_position_embeddings",), lambda v: v > 0, "> 0")
         _require(r.beta_fast > r.beta_slow > 0, "model.rope_scaling.beta_fast", "need beta_fast > beta_slow > 0")
 
 
@@ -218,26 +215,55 @@ def validate_data(d: DataConfig) -> None:
     _require(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
 
 
-def validate_train(t: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
-        _require(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")
-    for name in ("pretrain_steps", "context_steps", "sft_steps", "warmup_steps", "sample_tokens", "stop_after_steps"):
-        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
-    for name in ("learning_rate", "context_learning_rate", "sft_learning_rate", "adam_eps", "grad_clip"):
-        _require(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")
-    for name in ("adam_b1", "adam_b2"):
-        _require(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
-    for name in ("constant_fraction", "tail_fraction", "bias_freeze_fraction", "mtp_lambda_switch", "min_lr_ratio"):
-        _require(0 <= getattr(t, name) <= 1, f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
+def validate_train(tc: TrainConfig) -> None:
+    positive = (
+        "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
+        "learning_rate", "context_learning_rate", "sft_learning_rate", "adam_eps", "grad_clip",
+    )  # fmt: skip
+    _require_each(tc, "train", positive, lambda v: v > 0, "> 0")
+    non_negative = (
+        "pretrain_steps", "context_steps", "sft_steps", "warmup_steps", "sample_tokens", "stop_after_steps",
+        "batch_ramp_start", "batch_ramp_tokens", "weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late",
+        "price_per_hour",
+    )  # fmt: skip
+    _require_each(tc, "train", non_negative, lambda v: v >= 0, ">= 0")
+    _require_each(tc, "train", ("adam_b1", "adam_b2"), lambda v: 0 <= v < 1, "in [0, 1)")
+    fractions = (
+        "constant_fraction", "tail_fraction", "final_fraction", "bias_freeze_fraction", "mtp_lambda_switch",
+        "min_lr_ratio", "final_lr_ratio",
+    )  # fmt: skip
+    _require_each(tc, "train", fractions, lambda v: 0 <= v <= 1, "in [0, 1]")
     _require(
-        t.constant_fraction + t.tail_fraction <= 1,
+        tc.constant_fraction + tc.tail_fraction <= 1,
         "train.constant_fraction",
-        f"constant_fraction + tail_fraction must be <= 1, got {t.constant_fraction} + {t.tail_fraction}",
+        f"constant_fraction + tail_fraction must be <= 1, got {tc.constant_fraction} + {tc.tail_fraction}",
     )
-    for name in ("weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late", "price_per_hour"):
-        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
-    _require(t.context_yarn_factor >= 1, "train.context_yarn_factor", f"must be >= 1, got {t.context_yarn_factor}")
-    _require(bool(t.out_dir), "train.out_dir", "must not be empty")
+    _require(
+        tc.final_fraction <= tc.tail_fraction,
+        "train.final_fraction",
+        f"must be <= tail_fraction ({tc.tail_fraction}): it is the tail's last part, got {tc.final_fraction}",
+    )
+    _require(tc.context_yarn_factor >= 1, "train.context_yarn_factor", f"must be >= 1, got {tc.context_yarn_factor}")
+    _require(bool(tc.out_dir), "train.out_dir", "must not be empty")
+    validate_batch_ramp(tc)
+
+
+def validate_batch_ramp(tc: TrainConfig) -> None:
+    """The ramp grows a step by whole micro-batches, from batch_ramp_start to batch_size·grad_accum_steps sequences."""
+    full = tc.batch_size * tc.grad_accum_steps
+    _require(
+        (tc.batch_ramp_start > 0) == (tc.batch_ramp_tokens > 0),
+        "train.batch_ramp_start",
+        "batch_ramp_start and batch_ramp_tokens are set together (both > 0) or not at all (both 0),"
+        f" got {tc.batch_ramp_start} and {tc.batch_ramp_tokens}",
+    )
+    if tc.batch_ramp_start:
+        _require(
+            tc.batch_ramp_start % tc.batch_size == 0 and tc.batch_ramp_start < full,
+            "train.batch_ramp_start",
+            f"must be a multiple of batch_size ({tc.batch_size}) below batch_size x grad_accum_steps ({full}),"
+            f" got {tc.batch_ramp_start}",
+        )
 
 
 def validate(cfg: Config) -> Config:
@@ -248,113 +274,26 @@ def validate(cfg: Config) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts (TOML tables) with type checks
+# Loading: a TOML file, then the command line's overrides, then validation (the mechanics are in config_io.py)
 
 
-def _check_type(value, annotation, field: str):
-    """Return `value` converted to `annotation`, or raise naming the field. Ints are accepted where floats are."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, field)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{field}: expected a table, got {type(value).__name__} {value!r}")
-        return _from_dict(annotation, value, field)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{field}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{field}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{field}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{field}: must be finite, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{field}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation} for {field}")
-
-
-def _from_dict(cls, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{prefix}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
-    return cls(**{k: _check_type(v, hints[k], f"{prefix}.{k}") for k, v in values.items()})
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when `path` is None), apply `--section.field=value` overrides, validate."""
+    tables = read_toml(path) if path is not None else {}
+    for text in overrides:
+        apply_override(tables, text)
+    return from_dict(tables)
 
 
 def from_dict(tables: dict) -> Config:
     """Build and validate a Config from {"model": {...}, "data": {...}, "train": {...}}."""
-    sections = {f.name for f in dataclasses.fields(Config)}
-    for key in tables:
-        if key not in sections:
-            raise ConfigError(f"{key}: unknown section (allowed: {', '.join(sorted(sections))})")
-    hints = typing.get_type_hints(Config)
-    return validate(Config(**{k: _check_type(v, hints[k], k) for k, v in tables.items()}))
+    return validate(build(Config, tables))
 
 
 def run_defining(tables: dict, without: tuple[str, ...] = ("stop_after_steps",)) -> dict:
     """A config dict (as config.json stores it) minus the train fields that do not define the run: by default where
     to stop, which a run's continuation may change."""
     return {**tables, "train": {k: v for k, v in tables["train"].items() if k not in without}}
-
-
-def to_dict(cfg) -> dict:
-    """A config dataclass as a plain nested dict, JSON/TOML-ready (None values dropped: TOML has no null)."""
-
-    def drop_none(d: dict) -> dict:
-        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
-
-    return drop_none(dataclasses.asdict(cfg))
-
-
-def _parse_override(text: str) -> tuple[list[str], object]:
-    """`--model.hidden_size=512` -> (["model", "hidden_size"], 512). The value is read as a TOML value when it
-    parses as one (numbers, booleans, quoted strings) and as a bare string otherwise."""
-    if not text.startswith("--") or "=" not in text:
-        raise ConfigError(f"{text}: overrides are written --section.field=value, e.g. --train.pretrain_steps=100")
-    key, raw = text[2:].split("=", 1)
-    path = key.split(".")
-    if len(path) < 2 or not all(path):
-        raise ConfigError(f"{key}: overrides name a section and a field, e.g. --train.pretrain_steps=100")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return path, value
-
-
-def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when `path` is None), apply `--section.field=value` overrides, validate."""
-    tables: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            tables = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = tables
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(keys)}: {k} is not a table")
-        node[keys[-1]] = value
-    return from_dict(tables)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""Corpus, tokenizer and batches: everything between text on disk and the (B, T) integer arrays the model trains on.
+"""Corpus and tokenizer: everything between text on disk and the token stream (N,) the batches are cut from.
 
 The default corpus is the Python standard library's own source: the `*.py` files under `sysconfig`'s stdlib folder,
 without `site-packages` and without any `test`/`tests`/`idle_test` folder (about 730 files, 12 MB, 3.5M tokens at a
@@ -8,16 +8,16 @@ learn; and because its functions come with docstrings, which give us supervised 
 signature + docstring, response = body). It differs between Python versions, so the caller records `manifest(docs)`
 (file count, bytes, content hash) in the run folder. Any UTF-8 file or folder can replace it (`--data.path`).
 
-What the report does and how we follow it (report §4.1, §5 of the spec):
+What the report does and how we follow it (report §4.1, notes §5):
 - byte-level BPE (128K vocabulary in the report; `vocab_size` here), trained with the `tokenizers` library;
-- document packing: documents joined with `<|endoftext|>` and cut into fixed windows, with no cross-sample attention
-  mask, so a window may span two documents;
+- document packing: documents joined with `<|endoftext|>` into one stream (`encode_documents`), which
+  minidsv3/batches.py cuts into fixed windows with no cross-sample attention mask, so a window may span two documents;
 - SFT with the loss on response tokens only (minidsv3/sft.py).
 NOTE: differs from the report: no fill-in-the-middle (PSM at rate 0.1) and no random splitting of merged
 punctuation/line-break tokens; SFT examples are padded one per row instead of packed with sample masking, which
 wastes some compute but keeps the masks readable.
 
-Shape legend: B batch (sequences) · T positions (seq_len).
+Shape legend: N tokens in the stream · V vocab.
 """
 
 from __future__ import annotations
@@ -235,101 +235,3 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size)  # (V,)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batches. Both kinds draw their order from an explicit PCG64 generator whose state travels with the checkpoint.
-
-
-class EpochOrder:
-    """Indices 0..n-1, in a fresh random permutation each epoch. The state is the generator's state at the start of
-    the epoch plus a cursor: restoring redraws the same permutation, and the next indices follow exactly."""
-
-    def __init__(self, n: int, seed: int):
-        self.n = n
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-        self._start_epoch(0)
-
-    def _start_epoch(self, epoch: int) -> None:
-        self.epoch, self.cursor = epoch, 0
-        self.epoch_start_state = self.rng.bit_generator.state  # a dict of ints and strings
-        self.order = self.rng.permutation(self.n)  # (n,)
-
-    def take(self, k: int) -> np.ndarray:
-        out = []
-        while len(out) < k:  # a batch may run over the end of an epoch into the next
-            if self.cursor == self.n:
-                self._start_epoch(self.epoch + 1)
-            m = min(k - len(out), self.n - self.cursor)
-            out += self.order[self.cursor : self.cursor + m].tolist()
-            self.cursor += m
-        return np.array(out)  # (k,)
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "bit_generator": self.epoch_start_state, "epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, d: dict) -> None:
-        if d["n"] != self.n:
-            raise DataError(
-                f"the saved data position is over {d['n']} sequences, this data has {self.n}; "
-                "resume with the same corpus, tokenizer and seq_len"
-            )
-        self.rng.bit_generator.state = d["bit_generator"]
-        self._start_epoch(d["epoch"])
-        self.cursor = d["cursor"]
-
-
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
-    """Windows of T+1 tokens at `starts`; targets are the inputs shifted by one. Every position carries loss."""
-    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)  # (B, T+1)
-    ones = np.ones((len(starts), seq_len), np.float32)  # (B, T)
-    return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": ones, "token_mask": ones.copy()}  # (B, T)
-
-
-def _check_stream(tokens: np.ndarray, seq_len: int) -> None:
-    if len(tokens) < seq_len + 1:
-        raise DataError(
-            f"corpus has {len(tokens)} tokens, fewer than one sequence of seq_len+1 = {seq_len + 1}; "
-            "use a larger corpus or a smaller --data.seq_len"
-        )
-
-
-class PackedBatches:
-    """Pre-training batches: the stream (documents joined by EOT) cut into n = (N-1)//T windows of T+1 tokens, window
-    i starting at i·T, so each token is a target exactly once per epoch; windows are shuffled each epoch.
-
-    `tokens_delivered` counts B·T per batch, the tokens the device computed on (what the GPU-hour ledger counts).
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        _check_stream(tokens, seq_len)
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.order = EpochOrder((len(tokens) - 1) // seq_len, seed)
-        self.batches_delivered = 0
-        self.tokens_delivered = 0
-
-    def next_batch(self) -> dict:
-        """{inputs, targets: (B, T) int32; loss_mask, token_mask: (B, T) float32 ones}."""
-        starts = self.order.take(self.batch_size) * self.seq_len  # (B,)
-        self.batches_delivered += 1
-        self.tokens_delivered += self.batch_size * self.seq_len
-        return windows(self.tokens, starts, self.seq_len)
-
-    def state_dict(self) -> dict:
-        """JSON-ready position: generator state, epoch, cursor, and the counters."""
-        return {"order": self.order.state_dict(), "batches": self.batches_delivered, "tokens": self.tokens_delivered}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.order.load_state_dict(d["order"])
-        self.batches_delivered, self.tokens_delivered = d["batches"], d["tokens"]
-
-
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int | None) -> list[dict]:
-    """`n_batches` fixed batches of windows evenly spaced over the validation stream (the same every evaluation), or
-    with n_batches=None the whole stream: every window i·T, each token a target once (the last batch may be short)."""
-    _check_stream(tokens, seq_len)
-    if n_batches is None:
-        starts = np.arange((len(tokens) - 1) // seq_len, dtype=np.int64) * seq_len  # (n,)
-        return [windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, len(starts), batch_size)]
-    starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round().astype(np.int64)  # (n·B,)
-    return [windows(tokens, s, seq_len) for s in starts.reshape(n_batches, batch_size)]  # each s: (B,)

@@ -1,7 +1,11 @@
-"""Building blocks shared by attention, experts and the model: Linear, RMSNorm, SwiGLU MLP, RoPE with YaRN.
+"""Building blocks shared by attention, experts and the model. In file order: the matmul every layer runs (`matmul`,
+`grouped_matmul` for the experts, `linear`: FP8 or not), `swiglu`, `Linear`, the output head's loss (`token_nll`,
+`head_nll`), `RMSNorm`, `MLP`, and RoPE with YaRN (`rope_frequencies`, `softmax_scale`, `yarn_rope_scale`,
+`apply_rope`).
 
-Report §2.1 (RMSNorm, SwiGLU experts), §4.3 and notes §1.4, §6 (YaRN).
-Shape legend: B batch · T positions · D hidden_size · H heads · F an MLP's intermediate size.
+Report §2.1 (RMSNorm, SwiGLU experts), §4.3 and notes §1.4, §6 (YaRN). Shapes follow the package's legend
+(README.md): B batch · T positions · N tokens · D hidden_size · V vocab · F an FFN's width · J groups · M rows per
+group · I and O a matmul's input and output features.
 """
 
 from __future__ import annotations
@@ -19,24 +23,24 @@ from minidsv3.config import ModelConfig
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """x (..., K) @ w (K, M) -> (..., M) float32, inputs cast to `dtype` (bf16 inputs run ~3x faster on CPU/GPU).
+    """x (..., I) @ w (I, O) -> (..., O) float32, inputs cast to `dtype` (bf16 inputs run ~3x faster on CPU/GPU).
 
     The backward pass is written out (`_matmul_bwd`) so that both gradient GEMMs also run on `dtype` inputs."""
     return _matmul(x.astype(jnp.float32), w.astype(jnp.float32), dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:  # float32 (..., K), (K, M) -> (..., M)
-    return jnp.einsum("...k,km->...m", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:  # float32 (..., I), (I, O) -> (..., O)
+    return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _matmul_fwd(x: jax.Array, w: jax.Array, dtype: str) -> tuple[jax.Array, tuple]:
     xc, wc = x.astype(dtype), w.astype(dtype)  # saved in `dtype`: half the activation memory in bf16
-    return jnp.einsum("...k,km->...m", xc, wc, preferred_element_type=jnp.float32), (xc, wc)
+    return jnp.einsum("...i,io->...o", xc, wc, preferred_element_type=jnp.float32), (xc, wc)
 
 
 def _matmul_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """g (..., M) float32 -> dx = g wᵀ (..., K), dw = Σ xᵀ g (K, M), both on `dtype` inputs with float32 sums.
+    """g (..., O) float32 -> dx = g wᵀ (..., I), dw = Σ xᵀ g (I, O), both on `dtype` inputs with float32 sums.
 
     Why not autodiff: it differentiates the float32-accumulating product into GEMMs of the float32 cotangent with a
     bf16 operand, which XLA's CPU backend runs by upcasting both to float32 (2-3x slower than bf16), and into
@@ -46,38 +50,20 @@ def _matmul_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Ar
     and 12.2 instead of 18.3 in float32 (2-core CPU)."""
     xc, wc = res
     gc = g.astype(dtype)
-    dx = jnp.einsum("...m,km->...k", gc, wc, preferred_element_type=jnp.float32)  # (..., K)
+    dx = jnp.einsum("...o,io->...i", gc, wc, preferred_element_type=jnp.float32)  # (..., I)
     # dw sums over every leading axis; XLA:CPU runs the bf16 product at full speed with two of them, (B, T).
-    x3, g3 = (a.reshape((-1,) + a.shape[-2:]) if a.ndim >= 3 else a[None] for a in (xc, gc))  # (B', T', K|M)
-    dw = jnp.einsum("btk,btm->km", x3, g3, preferred_element_type=jnp.float32)  # (K, M)
+    x3, g3 = (a.reshape((-1,) + a.shape[-2:]) if a.ndim >= 3 else a[None] for a in (xc, gc))  # (B', T', I|O)
+    dw = jnp.einsum("bti,bto->io", x3, g3, preferred_element_type=jnp.float32)  # (I, O)
     return dx, dw
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def grouped_matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """x (G, R, K) @ w (G, K, M) -> (G, R, M) float32, group by group (the experts of moe.py), inputs cast to `dtype`,
-    with the backward GEMMs on `dtype` inputs too, for the reason given at `_matmul_bwd`. x and w must be float32.
-    One MoE layer of tiny dims (8 x 256 tokens), forward + backward: 49.7 -> 40.5 ms in bf16 (2-core CPU)."""
-    return jnp.einsum("grk,gkm->grm", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _grouped_fwd(x: jax.Array, w: jax.Array, dtype: str) -> tuple[jax.Array, tuple]:
-    xc, wc = x.astype(dtype), w.astype(dtype)
-    return jnp.einsum("grk,gkm->grm", xc, wc, preferred_element_type=jnp.float32), (xc, wc)
-
-
-def _grouped_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    xc, wc = res
-    gc = g.astype(dtype)
-    dx = jnp.einsum("grm,gkm->grk", gc, wc, preferred_element_type=jnp.float32)  # (G, R, K)
-    dw = jnp.einsum("grk,grm->gkm", xc, gc, preferred_element_type=jnp.float32)  # (G, K, M)
-    return dx, dw
-
-
-grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
+    """x (J, M, I) @ w (J, I, O) -> (J, M, O) float32: `matmul` group by group (the expert groups of dispatch.py),
+    its hand-written backward included."""
+    return jax.vmap(lambda xj, wj: matmul(xj, wj, dtype))(x, w)  # (J, M, O)
 
 
 def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
@@ -142,43 +128,43 @@ def head_nll(h: jax.Array, w: jax.Array, targets: jax.Array, dtype: str) -> jax.
     n = b * t
     chunk = min(LOSS_CHUNK, n)
     pad = -n % chunk  # padded rows get a zero cotangent below, so they add nothing to dh or dw
-    h = jnp.pad(h.reshape(n, d).astype(jnp.float32), ((0, pad), (0, 0))).reshape(-1, chunk, d)  # (chunks, C, D)
-    targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)  # (chunks, C)
-    nll = _chunked_nll(h, w.astype(jnp.float32), targets, dtype)  # (chunks, C)
+    h = jnp.pad(h.reshape(n, d).astype(jnp.float32), ((0, pad), (0, 0))).reshape(-1, chunk, d)  # (chunks, N, D)
+    targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)  # (chunks, N)
+    nll = _chunked_nll(h, w.astype(jnp.float32), targets, dtype)  # (chunks, N)
     return nll.reshape(-1)[:n].reshape(b, t)  # (B, T)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _chunked_nll(h: jax.Array, w: jax.Array, targets: jax.Array, dtype: str) -> jax.Array:
-    return _chunked_nll_fwd(h, w, targets, dtype)[0]  # (chunks, C)
+    return _chunked_nll_fwd(h, w, targets, dtype)[0]  # (chunks, N)
 
 
 def _chunked_nll_fwd(h: jax.Array, w: jax.Array, targets: jax.Array, dtype: str) -> tuple[jax.Array, tuple]:
-    """h (chunks, C, D), w (D, V), targets (chunks, C) -> nll (chunks, C) and what the backward needs."""
+    """h (chunks, N, D), w (D, V), targets (chunks, N) -> nll (chunks, N) and what the backward needs."""
     wc = w.astype(dtype)  # (D, V)
 
     def one_chunk(_, xs):
-        hc, tc = xs  # (C, D), (C,)
-        logits = jnp.einsum("cd,dv->cv", hc.astype(dtype), wc, preferred_element_type=jnp.float32)  # (C, V)
-        lse = jax.nn.logsumexp(logits, axis=-1)  # (C,)
-        return None, (lse - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0], lse)  # (C,), (C,)
+        h_chunk, t_chunk = xs  # (N, D), (N,)
+        logits = jnp.einsum("nd,dv->nv", h_chunk.astype(dtype), wc, preferred_element_type=jnp.float32)  # (N, V)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (N,)
+        return None, (lse - jnp.take_along_axis(logits, t_chunk[:, None], axis=-1)[:, 0], lse)  # (N,), (N,)
 
-    _, (nll, lse) = jax.lax.scan(one_chunk, None, (h, targets))  # (chunks, C) each
+    _, (nll, lse) = jax.lax.scan(one_chunk, None, (h, targets))  # (chunks, N) each
     return nll, (h, wc, targets, lse)
 
 
 def _chunked_nll_bwd(dtype: str, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, None]:
-    """g (chunks, C): d nll -> dh (chunks, C, D), dw (D, V); dnll/dlogits = softmax(logits) − onehot(target)."""
+    """g (chunks, N): d nll -> dh (chunks, N, D), dw (D, V); dnll/dlogits = softmax(logits) − onehot(target)."""
     h, wc, targets, lse = res
 
     def one_chunk(dw, xs):
-        hc, tc, lse_c, g_c = xs  # (C, D), (C,), (C,), (C,)
-        hc = hc.astype(dtype)
-        logits = jnp.einsum("cd,dv->cv", hc, wc, preferred_element_type=jnp.float32)  # (C, V), recomputed
-        dlogits = (jnp.exp(logits - lse_c[:, None]) - jax.nn.one_hot(tc, wc.shape[1])) * g_c[:, None]  # (C, V)
+        h_chunk, t_chunk, lse_c, g_c = xs  # (N, D), (N,), (N,), (N,)
+        h_chunk = h_chunk.astype(dtype)
+        logits = jnp.einsum("nd,dv->nv", h_chunk, wc, preferred_element_type=jnp.float32)  # (N, V), recomputed
+        dlogits = (jnp.exp(logits - lse_c[:, None]) - jax.nn.one_hot(t_chunk, wc.shape[1])) * g_c[:, None]  # (N, V)
         dlogits = dlogits.astype(dtype)  # the backward GEMMs on `dtype` inputs, as `matmul`'s
-        dh = jnp.einsum("cv,dv->cd", dlogits, wc, preferred_element_type=jnp.float32)  # (C, D)
-        dw = dw + jnp.einsum("bcd,bcv->dv", hc[None], dlogits[None], preferred_element_type=jnp.float32)  # (D, V)
+        dh = jnp.einsum("nv,dv->nd", dlogits, wc, preferred_element_type=jnp.float32)  # (N, D)
+        dw = dw + jnp.einsum("bnd,bnv->dv", h_chunk[None], dlogits[None], preferred_element_type=jnp.float32)  # (D, V)
         return dw, dh
 
     dw, dh = jax.lax.scan(one_chunk, jnp.zeros(wc.shape, jnp.float32), (h, targets, lse, g))
@@ -255,16 +241,31 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Array:
-    """Rotate adjacent pairs (x_2j, x_2j+1) by angle pos·freq_j, the interleaved layout of DeepSeek's code (notes §1.3).
+def yarn_rope_scale(cfg: ModelConfig) -> float:
+    """The factor on the rotated q^R and k^R under YaRN: mscale(s, mscale) / mscale(s, mscale_all_dim).
+
+    The two fields of `rope_scaling` split YaRN's temperature as [HFt] does: `mscale_all_dim` scales every logit
+    (through `softmax_scale`), and this ratio moves the rope part's share to `mscale`, so q^R·k^R is scaled by
+    mscale(s, mscale)² in all. DeepSeek-V3's config sets both to 1.0, where this is 1 and [G] (which reads only
+    `mscale`, in the softmax scale) computes the same function; following [HFt] keeps other values faithful to
+    checkpoints in the Hugging Face layout."""
+    r = cfg.rope_scaling
+    if r is None:
+        return 1.0
+    return yarn_get_mscale(r.factor, r.mscale) / yarn_get_mscale(r.factor, r.mscale_all_dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, freqs: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Rotate adjacent pairs (x_2j, x_2j+1) by angle pos·freq_j, the interleaved layout of DeepSeek's code (notes §1.3),
+    and multiply by `scale` (YaRN's `yarn_rope_scale`).
 
     x: (B, T, ..., d) with `positions` (B, T) or (T,); any axes between T and d (heads) share the rotation.
     """
     positions = jnp.atleast_2d(positions)  # (B or 1, T)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, d/2)
     angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])  # (B, T, 1.., d/2) over heads
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    pairs = rearrange(x.astype(jnp.float32), "... (d two) -> ... d two", two=2)  # (..., d/2, 2)
+    cos, sin = scale * jnp.cos(angles), scale * jnp.sin(angles)
+    pairs = rearrange(x.astype(jnp.float32), "... (pairs two) -> ... pairs two", two=2)  # (..., d/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)  # (..., d/2, 2)
-    return rearrange(rotated, "... d two -> ... (d two)")  # (..., d)
+    return rearrange(rotated, "... pairs two -> ... (pairs two)")  # (..., d)

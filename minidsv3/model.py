@@ -3,7 +3,8 @@
 `Transformer.__call__` returns `(logits, aux)`; training scores `features` (the head's input) through the fused
 `head_nll` instead, which never stores the logits. `aux` carries the per-layer expert loads, the sequence-wise balance
 loss and the MTP loss, so that the training step can act on them in the open (report §2.1.2, §2.2).
-Shape legend: B batch · T positions · S cache positions · D hidden_size · E routed experts · V vocab.
+Shapes follow the package's legend (README.md): B batch · T positions · D hidden_size · E routed experts · V vocab ·
+L_moe MoE layers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range))
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List(
+            [Block(cfg, is_moe=cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # The head stays in high precision even with FP8 on (report §3.3.1).
         self.lm_head = (
@@ -72,34 +75,31 @@ class Transformer(nnx.Module):
 
         targets (B, T) (= tokens shifted by one) switch on the MTP modules; loss_mask (B, T) weights the targets
         (SFT scores responses only); token_mask (B, T) marks real tokens, padding is kept out of the expert loads.
-        aux: expert_load (moe layers, E) · mtp_expert_load (D_mtp, E) · balance_loss () · mtp_loss () (Eq. 25 / λ).
+        aux: expert_load (L_moe, E) · mtp_expert_load (depths, E) · balance_loss () · mtp_loss () (Eq. 25 / λ).
         """
         positions = jnp.arange(tokens.shape[1])  # (T,)
         token_mask = jnp.ones(tokens.shape, jnp.float32) if token_mask is None else token_mask  # (B, T)
         h = self.embed(tokens)  # (B, T, D)
         loads, balance_loss = [], jnp.zeros((), jnp.float32)
         for layer in self.layers:
-            h, load, bal = layer(h, positions, token_mask)  # (B, T, D), (E,) or None
-            if load is not None:
-                loads.append(load)
-                balance_loss += bal
-        aux = {
-            "expert_load": jnp.stack(loads) if loads else jnp.zeros((0, self.cfg.n_routed_experts)),  # (L_moe, E)
-            "mtp_expert_load": jnp.zeros((0, self.cfg.n_routed_experts)),
-            "balance_loss": balance_loss,
-            "mtp_loss": jnp.zeros((), jnp.float32),
-        }
+            h, load, bal = layer(h, positions, token_mask)  # (B, T, D), (1, E) or (0, E) for a dense layer, ()
+            loads.append(load)
+            balance_loss += bal
+        l_mtp, mtp_loads = jnp.zeros((), jnp.float32), jnp.zeros((0, self.cfg.n_routed_experts))  # (), (depths, E)
         if targets is not None and len(self.mtp) > 0:
             loss_mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
             # head = identity: each depth's normed hidden states, scored through the fused head_nll
             mtp_normed, mtp_loads, mtp_balance = mtp_forward(
                 self.mtp, h, tokens, positions, token_mask, self.embed, lambda x: x
             )
-            aux.update(
-                mtp_loss=mtp_loss(mtp_normed, targets, loss_mask, nll=self.head_nll),
-                mtp_expert_load=jnp.stack(mtp_loads),
-                balance_loss=balance_loss + mtp_balance,
-            )
+            l_mtp = mtp_loss(mtp_normed, targets, loss_mask, nll=self.head_nll)
+            balance_loss += mtp_balance
+        aux = {
+            "expert_load": jnp.concatenate(loads),  # (L_moe, E)
+            "mtp_expert_load": mtp_loads,  # (depths, E)
+            "balance_loss": balance_loss,  # (), Eq. 17 summed over every MoE layer
+            "mtp_loss": l_mtp,  # (), Eq. 25 before λ
+        }
         return self.norm(h), aux  # (B, T, D)
 
     # -- generation from the compressed latent cache (notes §1.5) --------------------------------------------------
@@ -152,14 +152,17 @@ def routers(model: Transformer) -> list[moe.Router]:
 def update_router_biases(model: Transformer, expert_load: jax.Array, gamma: jax.Array) -> None:
     """The aux-loss-free bias update of every router (report §2.1.2), outside autodiff, once per optimizer step.
 
-    expert_load (L_moe + D_mtp, E): loads summed over all micro-batches of the step (rows as `routers`).
+    expert_load (L_moe + depths, E): loads summed over all micro-batches of the step (rows as `routers`).
     """
     for router, load in zip(routers(model), expert_load, strict=True):
         router.e_score_correction_bias[...] = moe.update_router_bias(router.e_score_correction_bias[...], load, gamma)
 
 
 def with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
-    """The same parameters under another config with the same shapes (context extension switches YaRN on)."""
+    """The same parameters under another config with the same shapes (context extension switches YaRN on).
+
+    Why: a module keeps its config (RoPE frequencies and the softmax scale are read from it), and configs are frozen,
+    so changing the context length means a new module graph around the same state."""
     fresh = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(fresh)
     return nnx.merge(graphdef, nnx.state(model))

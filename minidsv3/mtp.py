@@ -1,6 +1,6 @@
 """Multi-token prediction (report §2.2, Eqs. 21-25).
 
-How it works. Besides the next token, DeepSeek-V3 trains D sequential modules; module k predicts the token k+1
+How it works. Besides the next token, DeepSeek-V3 trains `num_nextn_predict_layers` sequential modules (depth 1 in V3); module k predicts the token k+1
 places ahead of each position. Module k keeps the causal chain: it takes module k-1's representation of token i
 (the main model's for k = 1), combines it with the embedding of token i+k (Eq. 21), runs one Transformer block over the
 sequence (Eq. 22), and scores token i+k+1 through the *main model's* output head (Eq. 23). The embedding and the head
@@ -15,8 +15,8 @@ left and padding, and give those slots zero loss weight. Causality makes the pad
 sees positions <= j, and every slot <= T-k-1 holds real data.
 
 Choices. The loss of depth k is normalized by the count of scored tokens of the *whole* sequence (1/T for a
-pre-training batch with no mask), as Eq. 24 writes, not by T-k. `mtp_loss` returns (1/D) Σ_k L^k_MTP; the training
-step multiplies by λ (its schedule is `schedules.mtp_lambda`, applied in `model.training_loss`), Eq. 25.
+pre-training batch with no mask), as Eq. 24 writes, not by T-k. `mtp_loss` returns the mean over depths k of L^k_MTP;
+`model.training_loss` multiplies it by λ (Eq. 25), which train.py takes from `schedules.mtp_lambda` at every step.
 
 How it differs from production. NOTE: the concatenation order is [Emb; h] (embedding first), the layout of the
 released weights (`eh_proj`, see notes §9 item 6) rather than Eq. 21's [h; Emb], so checkpoints map 1:1. Each module
@@ -49,13 +49,13 @@ class MTPModule(nnx.Module):
         self.enorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, rngs=rngs)  # M_k ∈ R^{d×2d}, Eq. 21
-        self.block = Block(cfg, cfg.num_hidden_layers, rngs=rngs)  # TRM_k, Eq. 22 (a MoE layer, as released)
+        self.block = Block(cfg, is_moe=True, rngs=rngs)  # TRM_k, Eq. 22: a MoE layer, as released ([G] README_WEIGHTS)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)  # shared_head.norm of the released weights
 
     def __call__(
         self, h_prev: jax.Array, emb_ahead: jax.Array, positions: jax.Array, token_mask: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """h_prev (B, T, D) = h^{k-1}, emb_ahead (B, T, D) = Emb(t_{i+k}) -> (h^k, normed h^k, load (E,), balance ())."""
+        """h_prev (B, T, D) = h^{k-1}, emb_ahead (B, T, D) = Emb(t_{i+k}) -> (h^k, normed h^k, loads (1, E), balance ())."""
         both = jnp.concatenate([self.enorm(emb_ahead), self.hnorm(h_prev)], axis=-1)  # (B, T, 2D), [Emb; h]
         h, load, balance_loss = self.block(self.eh_proj(both), positions, token_mask)  # Eqs. 21-22: (B, T, D)
         return h, self.norm(h), load, balance_loss
@@ -79,9 +79,9 @@ def mtp_forward(
     token_mask: jax.Array,
     embed,
     head,
-) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
-    """Run the D modules in sequence: logits of each depth (B, T, V), where depth k's row j predicts
-    targets[j+k], the MTP blocks' expert loads (E,) and their summed balance loss.
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """Run the modules in sequence, depth k = 1, 2, ...: the logits of each depth (B, T, V), where depth k's row j
+    predicts targets[j+k], the MTP blocks' expert loads (depths, E) and their summed balance loss.
 
     h_main (B, T, D): the main model's last hidden state; inputs (B, T); `embed` maps tokens to (B, T, D) and `head`
     maps normed hidden states to logits (B, T, V): the main model's own (the model's training loss passes the
@@ -94,11 +94,12 @@ def mtp_forward(
         all_logits.append(head(h_normed))  # (B, T, V), Eq. 23
         loads.append(load)
         balance += bal
-    return all_logits, loads, balance
+    return all_logits, jnp.concatenate(loads), balance  # [(B, T, V)], (depths, E), ()
 
 
 def mtp_loss(all_logits: list[jax.Array], targets: jax.Array, loss_mask: jax.Array, nll=token_nll) -> jax.Array:
-    """(1/D) Σ_k L^k_MTP (Eqs. 24-25 without λ). all_logits: D arrays (B, T, V); targets, loss_mask (B, T).
+    """The mean over depths k of L^k_MTP (Eqs. 24-25 without λ). all_logits: one (B, T, V) per depth; targets,
+    loss_mask (B, T).
 
     `nll` maps depth k's output and its targets (B, T) to -log P (B, T); the model passes its fused `head_nll` with
     each depth's normed hidden states (B, T, D) in place of the logits."""

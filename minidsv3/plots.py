@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,16 +11,13 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of `run_dir`/metrics.jsonl, one dict per logged line (training steps and evaluations)."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+from minidsv3 import run
 
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Write loss.png, expert_load.png and router_bias.png into `run_dir`; return their paths."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = run.read_metrics(run_dir)
     steps = [r for r in records if not r.get("eval")]
     evals = [r for r in records if r.get("eval")]
     if not steps:
@@ -40,7 +36,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     written.append(_save(fig, run_dir / "loss.png"))
 
     loads = np.asarray([r["expert_load"] for r in steps], dtype=float)  # (steps, L_moe, E)
-    biases = np.asarray([r["router_bias"] for r in steps], dtype=float)  # (steps, L_moe + D_mtp, E)
+    biases = np.asarray([r["router_bias"] for r in steps], dtype=float)  # (steps, L_moe + depths, E)
     if loads.ndim == 3 and loads.shape[1] > 0:
         n_layers = loads.shape[1]
         fig, axes = plt.subplots(n_layers, 1, figsize=(9, 2.2 * n_layers), squeeze=False)

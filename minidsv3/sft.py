@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from minidsv3.data import EOT, PAD, DataError, Document, EpochOrder, decode_text, hold_out, special_id
+from minidsv3.batches import EpochOrder
+from minidsv3.data import EOT, PAD, DataError, Document, decode_text, hold_out, special_id
 
 
 def _function_pair(f: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> tuple[str, str] | None:

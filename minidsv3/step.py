@@ -1,7 +1,8 @@
 """The optimizer and the jitted training and evaluation steps that train.py runs (report §4.2).
 
-γ (bias update speed) and λ (MTP weight) are arguments of the step, their schedules live in schedules.py; the
-aux-loss-free bias update runs inside the step, after the optimizer update and outside autodiff.
+The learning rate, γ (bias update speed) and λ (MTP weight) are arguments of the step; their schedules live in
+schedules.py, evaluated by train.py from the tokens seen. The aux-loss-free bias update runs inside the step, after the
+optimizer update and outside autodiff.
 """
 
 from __future__ import annotations
@@ -14,50 +15,83 @@ import numpy as np
 import optax
 from flax import nnx
 
-from minidsv3 import moe, schedules
+from minidsv3 import moe
 from minidsv3.config import TrainConfig
 from minidsv3.model import Transformer, cross_entropy, training_loss, update_router_biases
 
 
-def make_optimizer(model: Transformer, t: TrainConfig) -> nnx.Optimizer:
-    """AdamW (β1 0.9, β2 0.95, weight decay 0.1) after global-norm clipping at 1.0, on the nnx.Params only, with the
-    learning rate of all three stages (schedules.learning_rate)."""
+def make_optimizer(model: Transformer, tc: TrainConfig) -> nnx.Optimizer:
+    """AdamW (β1 0.9, β2 0.95, weight decay 0.1) after global-norm clipping at 1.0, on the nnx.Params only.
+
+    optax.adamw is scale_by_adam -> add_decayed_weights -> scale by -lr; we chain the same three, with the last taking
+    the learning rate from each update (`optimizer.update(model, grads, learning_rate=lr)`) instead of a schedule of
+    the update count, because the schedule counts tokens, which only train.py knows (schedules.py)."""
     tx = optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(
-            lambda step: schedules.learning_rate(step, t),
-            b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay, mask=decay_mask,
-        ),
-    )  # fmt: skip
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.scale_by_adam(b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps),
+        optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
+        scale_by_learning_rate_argument(),
+    )
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
+    """updates -> -learning_rate · updates, with `learning_rate` given to each update as a keyword argument."""
+
+    def update(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: -learning_rate * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 @nnx.jit
-def train_step(model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict, mtp_lambda, gamma) -> dict:
-    """One optimizer step over A micro-batches (arrays (A, B, T)): mean gradient, AdamW, then the bias update."""
-    grad_fn = nnx.value_and_grad(training_loss, has_aux=True)
+def train_step(
+    model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict, learning_rate, mtp_lambda, gamma
+) -> dict:
+    """One optimizer step over a stack of micro-batches (arrays (micro, B, T)): the gradient of the step's loss, AdamW, then the
+    bias update. Each micro-batch contributes its share (`micro_batch_loss`); their gradients add up."""
+    grad_fn = nnx.value_and_grad(micro_batch_loss, has_aux=True)
     n_micro = micro_batches["inputs"].shape[0]
+    scored = micro_batches["loss_mask"].sum(axis=(1, 2))  # (micro,) scored tokens of each micro-batch
+    weights = scored / jnp.maximum(scored.sum(), 1.0)  # (micro,) each one's share of the step's scored tokens
     grads, metrics = None, []
-    for i in range(n_micro):  # gradient accumulation, unrolled (A is small and static)
+    for i in range(n_micro):  # gradient accumulation, unrolled (their number is small and static)
         batch = {k: v[i] for k, v in micro_batches.items()}  # (B, T) each
-        (_, m), g = grad_fn(model, batch, mtp_lambda)
+        (_, m), g = grad_fn(model, batch, mtp_lambda, weights[i], n_micro)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         metrics.append(m)
-    grads = jax.tree.map(lambda g: g / n_micro, grads)
-    metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)  # (A, ...)
-    optimizer.update(model, grads)
+    metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)  # (micro, ...)
+    optimizer.update(model, grads, learning_rate=learning_rate)
     # Aux-loss-free balancing (report §2.1.2): the loads of the whole step, all micro-batches, padding excluded.
-    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + D, E)
+    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + depths, E)
     update_router_biases(model, loads, gamma)
+    main, mtp = weights @ metrics["main_loss"], weights @ metrics["mtp_loss"]  # means over the step's scored tokens
+    balance = metrics["balance_loss"].mean()  # mean over the step's sequences
     return {
-        "main_loss": metrics["main_loss"].mean(),  # next-token cross-entropy, the number to compare across runs
-        "total_loss": metrics["total_loss"].mean(),  # what the gradient descends: main + λ·MTP + balance
-        "mtp_loss": metrics["mtp_loss"].mean(),
-        "balance_loss": metrics["balance_loss"].mean(),
+        "main_loss": main,  # next-token cross-entropy, the number to compare across runs
+        "total_loss": main + mtp_lambda * mtp + balance,  # what the gradient descends
+        "mtp_loss": mtp,
+        "balance_loss": balance,
         "grad_norm": optax.tree.norm(grads),
         "expert_load": metrics["expert_load"].sum(0),  # (L_moe, E)
         "maxvio_batch": moe.max_violation(metrics["expert_load"].sum(0)).mean(),  # [LF] Eq. 4 on this step's loads
     }
+
+
+def micro_batch_loss(model: Transformer, batch: dict, mtp_lambda, weight, n_micro: int) -> tuple[jax.Array, dict]:
+    """One micro-batch's part of the step's loss: weight·(L_main + λ·L_MTP) + L_Bal/n_micro (Eqs. 17, 25); and its metrics.
+
+    L_main and L_MTP are means over the micro-batch's scored tokens (loss_mask; Eq. 24's 1/T counts the same tokens).
+    Weighted by its share of the step's scored tokens, they add up over the step to the mean over all of them: the
+    step's loss is (sum of NLL over every scored token of the step) / (their count), whether the step arrives in one
+    batch or in n_micro. Without the weights, an SFT micro-batch of a few short responses would count as much as a full one.
+    L_Bal is a mean over sequences (Eq. 17), and every micro-batch holds B of them, so a plain mean over the
+    micro-batches is the mean over the step's sequences: a sequence is routed whole, whatever it scores.
+    """
+    _, metrics = training_loss(model, batch, mtp_lambda)
+    loss = weight * (metrics["main_loss"] + mtp_lambda * metrics["mtp_loss"]) + metrics["balance_loss"] / n_micro
+    return loss, metrics
 
 
 @nnx.jit

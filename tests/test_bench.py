@@ -1,125 +1,120 @@
-"""The benches' own logic: run reuse (bench/train_once.py), where a finished run folder stands in for a new run
-only when the arguments resolve to the config it was trained with; and bench/balance.py's per-file expert loads."""
+"""The benches' own logic, in seconds: bench/fp8_accumulation.py's tensor-core model against hand-worked sums and the
+behaviour the report describes; the MaxVio and loss-error arithmetic of bench/balance.py and bench/fp8_vs_bf16.py;
+bench/train_once.py's reuse of a finished run."""
 
-import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import balance
+import fp8_accumulation as acc
+import fp8_vs_bf16
 import train_once as bench_runs
 
-from minidsv3 import data
-from minidsv3.model import Transformer
+from minidsv3 import config
 
 TINY = str(bench_runs.ROOT / "configs" / "tiny.toml")
-TRAINED = [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.learning_rate=3e-3"]
 
 
-@pytest.fixture
-def finished_run(tmp_path, monkeypatch) -> Path:
-    """A run folder as train.py leaves it at the end of a run of TRAINED, where train_once puts it; training a run
-    fails the test, and is recorded when allowed."""
-    out = tmp_path / f"fp8-{bench_runs.config_key(bench_runs.resolved_config(TRAINED))}"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(bench_runs.resolved_config([*TRAINED, f"--train.out_dir={out}"])))
+def test_e4m3_rounding_matches_the_float8_e4m3fn_cast():
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.standard_normal(20_000) * np.exp2(rng.uniform(-12, 8, 20_000)), -447, 447)  # subnormals to 447
+    x = np.concatenate([x, [0.0, 1.0625, 1.1875, -(2.0**-10), 3 * 2.0**-10, 440.0, -447.0]])  # ties, subnormal ties
+    np.testing.assert_array_equal(acc.to_e4m3(x), x.astype(ml_dtypes.float8_e4m3fn).astype(np.float64))
+
+
+def test_worked_example_the_running_sum_swallows_small_products_unless_promoted():
+    a = np.zeros((1, 64))
+    b = np.ones((64, 1))
+    a[0, 0], b[0, 0] = 64.0, 128.0  # first MMA: 8192 and 31 zeros
+    a[0, 32:] = 0.5  # second MMA: 32 products of 0.5, 16 in all
+    # Second MMA, the running sum 8192 = 2^13 aligned with the products: 13 fraction bits below 2^13 end at 1, so each
+    # 0.5 is truncated to 0 and the sum stays 8192. With 14 bits the grid is 0.5 and nothing is lost.
+    assert acc.tensor_core_dot(a, b, 13)[0, 0] == 8192.0
+    assert acc.tensor_core_dot(a, b, 14)[0, 0] == 8208.0
+    # Promoted after every MMA, the second starts from 0: the 0.5s align among themselves, exactly.
+    assert acc.tensor_core_dot(a, b, 13, promotion_interval=32)[0, 0] == 8208.0
+    # Products aligned without the running sum: 16 exactly, then 8192 + 16 = 8208 fits 13 fraction bits.
+    assert acc.tensor_core_dot(a, b, 13, products_only=True)[0, 0] == 8208.0
+
+
+@pytest.mark.parametrize("promotion_interval", [None, 64])
+def test_exact_when_every_partial_sum_fits_the_accumulator(promotion_interval):
+    rng = np.random.default_rng(1)
+    a = rng.integers(-7, 8, (4, 100)).astype(float)  # small integers are E4M3 values; K = 100 ends mid-MMA
+    b = rng.integers(-7, 8, (100, 5)).astype(float)
+    # |every partial sum| <= 49 · 100 < 2^13: 13 fraction bits below the largest exponent reach below 1
+    np.testing.assert_array_equal(acc.tensor_core_dot(a, b, 13, promotion_interval), a @ b)
+
+
+def max_error(k: int, bits: int, promotion_interval: int | None = None) -> float:
+    rng = np.random.default_rng(k)
+    a, b = acc.to_e4m3(rng.random((8, k))), acc.to_e4m3(rng.random((k, 8)))  # (8, K), (K, 8)
+    exact = a @ b  # (8, 8) exact in float64, positive
+    return acc.relative_errors(acc.tensor_core_dot(a, b, bits, promotion_interval), exact, exact)[0]
+
+
+def test_each_fraction_bit_less_about_doubles_the_error():
+    errors = [max_error(1024, bits) for bits in (14, 13, 12, 11, 10)]
+    ratios = np.array(errors[1:]) / np.array(errors[:-1])
+    # 2x from the grid; a little more at the wider widths, where more products of 4-bit significands fit exactly
+    assert np.all((1.8 < ratios) & (ratios < 3)), ratios
+
+
+def test_without_promotion_the_error_grows_like_k_and_promotion_every_128_holds_it_flat_and_small():
+    short, long = max_error(512, 13), max_error(4096, 13)
+    assert 5 < long / short < 12  # biased truncation: K 8x longer, error ~8x larger (not ~2.8x as random rounding)
+    promoted_short, promoted_long = max_error(512, 13, 128), max_error(4096, 13, 128)
+    assert promoted_long < long / 50
+    assert 0.5 < promoted_long / promoted_short < 2  # each interval sees 128 products, whatever K is
+
+
+def test_stream_maxvio_sums_the_last_steps_loads_then_takes_the_max():
+    def step(stage, load):
+        return {"stage": stage, "expert_load": load}
+
+    records = [
+        step("pretrain", [[4, 0], [0, 4]]),  # older than the last 2 steps
+        step("pretrain", [[3, 1], [3, 1]]),
+        {"stage": "pretrain", "eval": True, "val_loss": 5.0},  # evaluations carry no loads
+        step("pretrain", [[1, 3], [3, 1]]),
+        step("sft", [[0, 4], [0, 4]]),  # after pre-training
+    ]
+    # summed: layer 0 [4, 4] -> 0; layer 1 [6, 2] -> (6 - 4) / 4 = 0.5; mean over layers 0.25
+    # (per step and then averaged it would be 0.5: the experts that peak differ from step to step)
+    assert balance.stream_maxvio(records, steps=2) == pytest.approx(0.25)
+
+
+def test_relative_loss_error_smooths_both_losses_first():
+    # EMA 0.9 from the first value: [2, 2, 2] stays; [2, 2.2, 2.2] -> 2, 2.02, 0.9·2.02 + 0.22 = 2.038
+    rel = fp8_vs_bf16.relative_error([2.0, 2.0, 2.0], [2.0, 2.2, 2.2])
+    np.testing.assert_allclose(rel, [0.0, 0.01, 0.019], atol=1e-12)
+
+
+def test_a_finished_run_is_reused_only_for_the_config_it_was_trained_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_runs, "ROOT", tmp_path)
+    out = tmp_path / "runs" / "bench" / "fp8"
+    out.mkdir(parents=True)
+    trained = [TINY, "--train.pretrain_steps=100", "--model.fp8=true", f"--train.out_dir={out}"]
+    (out / "config.json").write_text(json.dumps(config.to_dict(config.load(trained[0], trained[1:]))))  # as train.py
     (out / "final.json").write_text("{}")
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("train.py was started for a run that is already finished")
-
-    monkeypatch.setattr(bench_runs.subprocess, "run", no_training)
-    return out
-
-
-@pytest.mark.parametrize(
-    "asked",
-    [
-        [TINY, "--train.learning_rate=3e-3", "--model.fp8=true", "--train.pretrain_steps=1000"],  # reordered
-        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.learning_rate=0.003"],  # same number
-        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--train.seed=0"],  # a default spelled out
-    ],
-)
-def test_the_same_run_asked_for_differently_is_reused(finished_run, asked):
-    assert bench_runs.train_once(finished_run.parent, "fp8", asked) == finished_run
-
-
-@pytest.mark.parametrize(
-    "asked",
-    [
-        [TINY, "--train.pretrain_steps=500", "--model.fp8=true"],  # another value
-        [TINY, "--train.pretrain_steps=1000"],  # an override left out: FP8 off
-        [TINY, "--train.pretrain_steps=1000", "--model.fp8=true", "--model.fp8=false"],  # the last value wins
-        [str(bench_runs.ROOT / "configs" / "small.toml"), "--train.pretrain_steps=1000", "--model.fp8=true"],
-    ],
-)
-def test_another_config_trains_in_its_own_folder_beside_the_finished_run(finished_run, asked, monkeypatch):
-    before = {f.name: f.read_text() for f in finished_run.iterdir()}
     started = []
-    monkeypatch.setattr(bench_runs.subprocess, "run", lambda cmd, **kwargs: started.append(cmd))
-    out = bench_runs.train_once(finished_run.parent, "fp8", asked)
-    assert out != finished_run and out.parent == finished_run.parent and out.name.startswith("fp8-")
-    assert len(started) == 1 and started[0][-1] == f"--train.out_dir={out}"
-    assert {f.name: f.read_text() for f in finished_run.iterdir()} == before  # nothing overwritten
 
+    def fake_train_py(cmd, **kwargs):
+        started.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
 
-def test_paths_name_the_same_files_from_any_folder_and_where_to_stop_is_not_part_of_the_key(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus"
-    monkeypatch.chdir(tmp_path)
-    relative = bench_runs.with_absolute_paths([TINY, "--data.path=corpus"])
-    assert bench_runs.resolved_config(relative)["data"]["path"] == str(corpus)
-    key = bench_runs.config_key(bench_runs.resolved_config(relative))
-    assert bench_runs.config_key(bench_runs.resolved_config([TINY, f"--data.path={corpus}"])) == key
-    stopping = bench_runs.resolved_config([*relative, "--train.stop_after_steps=10"])
-    assert bench_runs.config_key(stopping) == key  # a run stopped early is continued, as train.py does
-    assert bench_runs.config_key(bench_runs.resolved_config([*relative, "--train.seed=1"])) != key
-
-
-def test_a_run_folder_whose_config_was_changed_is_refused(finished_run):
-    changed = bench_runs.resolved_config([*TRAINED, "--train.seed=7"])
-    (finished_run / "config.json").write_text(json.dumps(changed))
-    with pytest.raises(SystemExit, match="error: .*not the config this folder is named after"):
-        bench_runs.train_once(finished_run.parent, "fp8", TRAINED)
-
-
-def test_bad_arguments_are_a_one_line_error(finished_run):
-    with pytest.raises(SystemExit, match="error: .*unknown key"):
-        bench_runs.train_once(finished_run.parent, "fp8", [TINY, "--train.no_such_field=1"])
-
-
-def test_file_loads_count_each_file_alone(cfg, tmp_path):
-    """Every token of a file is counted top-k times per MoE layer and the padding never; the loads are the model's
-    on that file read alone, whichever batches its windows fall in."""
-    docs = [data.Document(f"f{i}.py", f"def f{i}(x):\n    return x + {i}\n" * (1 + 12 * i)) for i in range(3)]
-    tokenizer = data.load_or_train_tokenizer(docs, 300, tmp_path)
-    model = Transformer(dataclasses.replace(cfg, vocab_size=300), rngs=nnx.Rngs(0))
-    T = 8
-    assert len(data.encode_documents(docs[-1:], tokenizer)) > 4 * T  # the last file spans several batches of 4
-    loads = balance.file_loads(model, tokenizer, docs, T, rows=4)  # (F, L_moe, E)
-    for doc, got in zip(docs, loads, strict=True):
-        ids = data.encode_documents([doc], tokenizer)  # (n,)
-        assert np.all(got.sum(-1) == cfg.num_experts_per_tok * len(ids))  # per layer; rows pad to 4 windows of 8
-        n_win = -(-len(ids) // T)
-        inputs = np.zeros(n_win * T, np.int32)
-        inputs[: len(ids)] = ids
-        mask = (np.arange(n_win * T) < len(ids)).astype(np.float32)
-        _, aux = model(inputs.reshape(n_win, T), token_mask=mask.reshape(n_win, T))  # the file in one batch
-        np.testing.assert_array_equal(got, np.asarray(aux["expert_load"]))
-
-
-def test_maxvio_pools_the_files_then_averages_the_layers():
-    loads = np.array([[[3, 1], [2, 2]], [[1, 1], [0, 4]]], float)  # (F=2, L_moe=2, E=2)
-    # pooled: layer 0 [4, 2] -> (4 - 3) / 3; layer 1 [2, 6] -> (6 - 4) / 4
-    assert balance.maxvio(loads) == pytest.approx((1 / 3 + 1 / 2) / 2)
-
-
-def test_the_held_out_files_are_those_train_py_holds_out():
-    docs = [data.Document(f"pkg/mod{i}.py", f"x = {i}\n") for i in range(60)]
-    held = data.hold_out([d.name for d in docs], 0.1, 3)
-    _, val = data.split_documents(docs, 0.1, 3)
-    assert [d.name for d, h in zip(docs, held, strict=True) if h] == [d.name for d in val]
+    monkeypatch.setattr(bench_runs.subprocess, "run", fake_train_py)
+    assert bench_runs.train_once("fp8", [TINY, "--model.fp8=true", "--train.pretrain_steps=100"]) == out
+    assert started == []  # the same config, its overrides in another order: reused
+    bench_runs.train_once("fp8", [TINY, "--train.pretrain_steps=200", "--model.fp8=true"])
+    assert len(started) == 1 and started[0][-1] == f"--train.out_dir={out}"  # train.py decides (it refuses)
+    (out / "final.json").unlink()
+    bench_runs.train_once("fp8", [TINY, "--train.pretrain_steps=100", "--model.fp8=true"])
+    assert len(started) == 2  # not finished: train.py resumes it

@@ -60,12 +60,31 @@ def test_an_int_is_accepted_where_a_float_is_expected_but_not_the_reverse():
         ("--train.adam_b2=1.0", "train.adam_b2"),
         ("--data.val_fraction=1.5", "data.val_fraction"),
         ("--nosection.x=1", "nosection"),
+        ("--train.batch_ramp_start=16", "train.batch_ramp_start"),  # a ramp start needs the ramp's length in tokens
+        ("--train.batch_ramp_tokens=1000", "train.batch_ramp_start"),  # ... and the reverse
+        ("--train.final_fraction=0.5", "train.final_fraction"),  # longer than the tail it ends (0.05)
     ],
 )
 def test_invalid_values_are_rejected_with_a_message_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         config.load(None, [override])
     assert str(err.value).startswith(field), str(err.value)
+
+
+def test_the_batch_ramp_starts_at_whole_micro_batches_below_the_full_batch():
+    ramp = ["--train.batch_size=4", "--train.grad_accum_steps=3", "--train.batch_ramp_tokens=100"]
+    assert config.load(None, [*ramp, "--train.batch_ramp_start=8"]).train.batch_ramp_start == 8
+    for start in (6, 12):  # not a multiple of the 4-sequence micro-batch; not below the full 4 x 3 = 12
+        with pytest.raises(ConfigError, match="train.batch_ramp_start: must be a multiple of batch_size"):
+            config.load(None, [*ramp, f"--train.batch_ramp_start={start}"])
+
+
+@pytest.mark.parametrize("name, ramp", [("tiny", (0, 0)), ("small", (0, 0)), ("deepseek_v3", (3072, 469 * 10**9))])
+def test_the_batch_ramp_is_off_in_tiny_and_small_and_the_reports_in_deepseek_v3(name, ramp):
+    tc = config.load(ROOT / f"configs/{name}.toml").train
+    assert (tc.batch_ramp_start, tc.batch_ramp_tokens) == ramp
+    if name == "deepseek_v3":  # [R] §4.2: 3,072 -> 15,360 sequences over the first 469B tokens
+        assert tc.batch_size * tc.grad_accum_steps == 15360
 
 
 def test_malformed_toml_and_missing_files_are_config_errors(tmp_path):

@@ -1,18 +1,18 @@
-"""Corpus loading, splits, tokenizer and token caches, packed batches (minidsv3/data.py) and SFT pairs and batches
-(minidsv3/sft.py).
+"""Corpus loading, splits, tokenizer and token caches (minidsv3/data.py). Batches are in tests/test_batches.py, SFT
+pairs and batches in tests/test_sft.py.
 
 Every corpus here is built in tmp_path or in memory; the stdlib is only listed, never tokenized.
 """
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
-from minidsv3 import data, sft
+from minidsv3 import data
+from minidsv3.batches import PackedBatches
 from minidsv3.data import DataError, Document
 
 CODE = [
@@ -24,14 +24,6 @@ CODE = [
 
 def many_docs(n: int) -> list[Document]:
     return [Document(f"dir{i % 3}/file{i:04d}.py", f"x = {i}\n") for i in range(n)]
-
-
-def word_tokenizer(words: list[str]) -> Tokenizer:
-    """A word-level tokenizer with known ids: EOT 0, PAD 1, <unk> 2, then `words` from 3, split on whitespace."""
-    vocab = {data.EOT: 0, data.PAD: 1, "<unk>": 2} | {w: 3 + i for i, w in enumerate(words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,14 +96,6 @@ def test_bad_corpora_raise_a_data_error_naming_the_problem(tmp_path, kind, words
         data.load_documents(str(make_bad_corpus(kind, tmp_path)))
     for w in words:
         assert w in str(e.value)
-
-
-def test_a_corpus_shorter_than_one_sequence_is_refused():
-    tokens = np.arange(10, dtype=np.uint16)  # 10 tokens; one sequence of T = 10 needs T + 1 = 11
-    for make in (lambda: data.PackedBatches(tokens, 10, 2, 0), lambda: data.eval_batches(tokens, 10, 2, 1)):
-        with pytest.raises(DataError, match="corpus has 10 tokens, fewer than one sequence of seq_len\\+1 = 11"):
-            make()
-    data.PackedBatches(tokens, 9, 2, 0)  # exactly one sequence fits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,208 +220,10 @@ def test_unigram_entropy_matches_hand_computed_values():
     assert data.unigram_entropy(np.array([5, 5, 5]), 8) == 0.0
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Packed pre-training batches
-
-
-def test_windows_are_contiguous_slices_of_the_stream_and_targets_are_inputs_shifted_by_one():
-    stream = np.arange(1000, dtype=np.uint16)  # token i at position i: a window's values are its positions
-    batches = data.PackedBatches(stream, seq_len=10, batch_size=4, seed=0)
-    batch = batches.next_batch()
-    assert batch["inputs"].shape == (4, 10) and batch["inputs"].dtype == np.int32
-    assert batch["targets"].dtype == np.int32
-    for row_in, row_tgt in zip(batch["inputs"], batch["targets"]):
-        start = row_in[0]
-        assert start % 10 == 0  # windows start at multiples of T
-        np.testing.assert_array_equal(row_in, np.arange(start, start + 10))
-        np.testing.assert_array_equal(row_tgt, row_in + 1)
-    for key in ("loss_mask", "token_mask"):
-        assert batch[key].dtype == np.float32 and (batch[key] == 1).all()
-    assert batches.tokens_delivered == 4 * 10
-
-
-def test_one_epoch_uses_every_window_exactly_once():
-    stream = np.arange(1000, dtype=np.uint16)
-    batches = data.PackedBatches(stream, seq_len=10, batch_size=9, seed=0)
-    # (1000 - 1) // 10 = 99 windows starting at 0, 10, ..., 980; 99 / 9 = 11 batches per epoch
-    starts = np.concatenate([batches.next_batch()["inputs"][:, 0] for _ in range(11)])
-    np.testing.assert_array_equal(np.sort(starts), np.arange(0, 990, 10))
-    assert not (starts == np.sort(starts)).all()  # shuffled
-
-
 def test_packed_windows_cross_document_separators(bpe, tmp_path):
+    # the stream this module builds, cut by minidsv3/batches.py: no mask keeps a window inside one document
     stream = data.load_or_tokenize(CODE, bpe, tmp_path, "train")
-    batches = data.PackedBatches(stream, seq_len=8, batch_size=len(stream) // 8, seed=0)
-    inputs = batches.next_batch()["inputs"]  # every window of the epoch
+    epoch = PackedBatches(stream, seq_len=8, batch_size=len(stream) // 8, seed=0)
+    inputs = epoch.next_batch()["inputs"]  # every window of the epoch
     eot = bpe.token_to_id(data.EOT)
     assert (inputs == eot).sum() >= len(CODE) - 1  # separators appear inside windows, between documents
-
-
-@pytest.mark.parametrize("kind", ["packed", "sft"])
-def test_restoring_the_saved_state_reproduces_the_next_batches(kind):
-    if kind == "packed":
-
-        def make(seed):
-            return data.PackedBatches(np.arange(71, dtype=np.uint16), seq_len=10, batch_size=3, seed=seed)  # 7 windows
-    else:
-        pairs = [(f"p{i}", f"r{i} r{i}") for i in range(7)]
-        tokenizer = word_tokenizer([f"p{i}" for i in range(7)] + [f"r{i}" for i in range(7)])
-
-        def make(seed):
-            return sft.SFTBatches(pairs, tokenizer, seq_len=4, batch_size=3, seed=seed)
-
-    original = make(seed=5)
-    for _ in range(5):  # 15 rows from 7: the saved position is inside the third epoch
-        original.next_batch()
-    saved = json.loads(json.dumps(original.state_dict()))
-    restored = make(seed=123)
-    restored.load_state_dict(saved)
-    assert restored.tokens_delivered == original.tokens_delivered == 5 * 3 * (10 if kind == "packed" else 4)
-    for _ in range(4):
-        a, b = original.next_batch(), restored.next_batch()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
-
-
-def test_a_state_saved_for_other_data_is_refused():
-    saved = data.PackedBatches(np.arange(71, dtype=np.uint16), 10, 3, 0).state_dict()
-    other = data.PackedBatches(np.arange(81, dtype=np.uint16), 10, 3, 0)
-    with pytest.raises(DataError, match="same corpus"):
-        other.load_state_dict(saved)
-
-
-def test_eval_batches_are_fixed_evenly_spaced_windows():
-    stream = np.arange(101, dtype=np.uint16)
-    batches = data.eval_batches(stream, seq_len=10, batch_size=2, n_batches=3)
-    # 6 windows with starts spread over [0, 101 - 11 = 90]: 0, 18, 36, 54, 72, 90
-    starts = [b["inputs"][:, 0].tolist() for b in batches]
-    assert starts == [[0, 18], [36, 54], [72, 90]]
-    np.testing.assert_array_equal(batches[2]["targets"][1], np.arange(91, 101))
-
-
-def test_the_whole_validation_stream_makes_every_token_a_target_once():
-    stream = np.arange(76, dtype=np.uint16)  # 7 windows of 10 (+1) tokens; the 5-token tail is too short for one
-    batches = data.eval_batches(stream, seq_len=10, batch_size=3, n_batches=None)
-    assert [len(b["inputs"]) for b in batches] == [3, 3, 1]  # the last batch is short, never padded
-    targets = np.concatenate([b["targets"].ravel() for b in batches])
-    np.testing.assert_array_equal(targets, np.arange(1, 71))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SFT
-
-
-SOURCE = '''import functools
-
-
-class Greeter:
-    @functools.cache
-    def greet(self, name):
-        """Return a greeting
-        for name."""
-        message = "hello " + name
-        return message
-
-    def bare(self):
-        return 1
-
-
-async def fetch(url):
-    """Fetch."""
-    return await get(url)
-
-
-def only_doc():
-    """Nothing else."""
-
-
-def same_line():
-    """Doc."""; return 1
-'''
-
-
-def test_sft_pairs_take_signature_and_docstring_as_prompt_and_the_rest_of_the_body_as_response():
-    pairs = sft.extract_pairs([Document("g.py", SOURCE), Document("notes.txt", "not python (")], min_chars=0)
-    assert pairs == [
-        (
-            'def greet(self, name):\n    """Return a greeting\n    for name."""\n',
-            '    message = "hello " + name\n    return message\n',
-        ),
-        ('async def fetch(url):\n    """Fetch."""\n', "    return await get(url)\n"),
-    ]
-    assert sft.extract_pairs([Document("g.py", SOURCE)], min_chars=30) == pairs[:1]  # the 26-char body is cut
-
-
-def test_beyond_max_pairs_an_evenly_spaced_subset_is_kept():
-    source = "".join(f'def f{i}():\n    """Doc {i}."""\n    return {i}\n\n' for i in range(5))
-    pairs = sft.extract_pairs([Document("m.py", source)], max_pairs=3, min_chars=0)
-    assert [p.splitlines()[0] for p, _ in pairs] == ["def f0():", "def f2():", "def f4():"]  # indices 0, 2, 4 of 5
-
-
-def test_sft_loss_falls_on_response_tokens_and_eos_only():
-    tokenizer = word_tokenizer(["p1", "p2", "p3", "r1", "r2"])  # ids p1..p3 = 3..5, r1 r2 = 6 7; EOT 0, PAD 1
-    (batch,) = sft.eval_batches([("p1 p2 p3", "r1 r2")], tokenizer, seq_len=8, batch_size=1, n_batches=1)
-    # row = p1 p2 p3 r1 r2 EOT PAD PAD PAD (T + 1 = 9); inputs are its first 8, targets its last 8
-    np.testing.assert_array_equal(batch["inputs"], [[3, 4, 5, 6, 7, 0, 1, 1]])
-    np.testing.assert_array_equal(batch["targets"], [[4, 5, 6, 7, 0, 1, 1, 1]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 0, 0, 0]])  # targets r1 r2 EOT
-    np.testing.assert_array_equal(batch["token_mask"], [[1, 1, 1, 1, 1, 1, 0, 0]])  # inputs up to EOT, no PAD
-    assert batch["loss_mask"].dtype == np.float32 and batch["inputs"].dtype == np.int32
-
-
-def test_with_an_empty_prompt_every_target_but_padding_carries_loss():
-    tokenizer = word_tokenizer(["r1", "r2"])  # r1 r2 = 3 4
-    (batch,) = sft.eval_batches([("", "r1 r2")], tokenizer, seq_len=4, batch_size=1, n_batches=1)
-    # row = r1 r2 EOT PAD PAD: nothing predicts r1, the targets r2 and EOT carry loss
-    np.testing.assert_array_equal(batch["inputs"], [[3, 4, 0, 1]])
-    np.testing.assert_array_equal(batch["targets"], [[4, 0, 1, 1]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[1, 1, 0, 0]])
-    np.testing.assert_array_equal(batch["token_mask"], [[1, 1, 1, 0]])
-
-
-def test_sft_rows_longer_than_the_window_are_cut_and_keep_loss_on_the_response():
-    tokenizer = word_tokenizer(["p1", "p2", "p3", "r1", "r2"])
-    (batch,) = sft.eval_batches([("p1 p2 p3", "r1 r2")], tokenizer, seq_len=4, batch_size=1, n_batches=1)
-    # p1 p2 p3 r1 r2 EOT cut to T + 1 = 5 tokens: p1 p2 p3 r1 r2
-    np.testing.assert_array_equal(batch["targets"], [[4, 5, 6, 7]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1]])
-    np.testing.assert_array_equal(batch["token_mask"], [[1, 1, 1, 1]])
-
-
-def test_sft_pairs_whose_prompt_fills_the_window_are_dropped():
-    tokenizer = word_tokenizer(["p1", "p2", "p3", "r1"])
-    batches = sft.SFTBatches([("p1 p2 p3", "r1"), ("p1", "r1")], tokenizer, seq_len=2, batch_size=2, seed=0)
-    assert batches.n_dropped == 1
-    np.testing.assert_array_equal(batches.next_batch()["inputs"], [[3, 6], [3, 6]])  # only p1 -> r1 is left
-    assert batches.tokens_delivered == 2 * 2  # B·T, padding included
-    with pytest.raises(DataError, match="longer than seq_len=2"):
-        sft.SFTBatches([("p1 p2 p3", "r1")], tokenizer, seq_len=2, batch_size=1, seed=0)
-
-
-def test_sft_pairs_split_deterministically_with_one_on_each_side():
-    pairs = [(f"prompt {i}", f"response {i}") for i in range(40)]
-    train, val = sft.split_pairs(pairs, 0.25, seed=0)
-    assert (train, val) == sft.split_pairs(pairs, 0.25, seed=0)
-    assert (train, val) != sft.split_pairs(pairs, 0.25, seed=1)
-    assert sorted(train + val) == sorted(pairs)
-    assert [len(s) for s in sft.split_pairs(pairs[:2], 0.001, seed=0)] == [1, 1]
-    with pytest.raises(DataError, match="at least 2"):
-        sft.split_pairs(pairs[:1], 0.25, seed=0)
-
-
-def test_sft_jsonl_is_read_and_bad_files_are_refused_naming_the_line(tmp_path):
-    good = tmp_path / "good.jsonl"
-    good.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "é", "response": "", "extra": 1}\n')
-    assert sft.load_jsonl(str(good)) == [("a", "b"), ("é", "")]
-    cases = {
-        "missing.jsonl": (None, "no such file"),
-        "bad.jsonl": ('{"prompt": "a", "response": "b"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
-        "keys.jsonl": ('{"prompt": "a"}\n', 'keys.jsonl:1: expected an object with string "prompt" and "response"'),
-        "empty.jsonl": ("\n\n", "no prompt/response pairs"),
-    }
-    for name, (text, message) in cases.items():
-        if text is not None:
-            (tmp_path / name).write_text(text)
-        with pytest.raises(DataError) as e:
-            sft.load_jsonl(str(tmp_path / name))
-        assert message in str(e.value), name

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from minidsv3.config import ModelConfig, RopeScaling
-from minidsv3.layers import MLP, Linear, RMSNorm, apply_rope, rope_frequencies, softmax_scale
+from minidsv3.layers import MLP, Linear, RMSNorm, apply_rope, rope_frequencies, softmax_scale, yarn_rope_scale
 
 # DeepSeek-V3's attention widths and rope (notes §1.3, §6).
 V3_ROPE = ModelConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000.0)
@@ -128,6 +128,20 @@ def test_softmax_scale_is_one_over_sqrt_192_and_grows_by_mscale_squared_under_ya
 
 # ---------------------------------------------------------------------------------------------------------------
 # SwiGLU MLP and Linear
+
+
+def test_yarn_splits_its_temperature_between_mscale_and_mscale_all_dim_as_hugging_face_does():
+    # s = 40: mscale(s, m) = 0.1·m·ln 40 + 1, ln 40 = 3.688879. With mscale 2 and mscale_all_dim 1:
+    #   every logit gets (0.1·ln 40 + 1)² = 1.368888² = 1.873854 through the softmax scale (mscale_all_dim),
+    #   q^R and k^R each get (0.2·ln 40 + 1) / 1.368888 = 1.737776 / 1.368888 = 1.269480 on their rotation,
+    #   so q^R·k^R is scaled by 1.873854 · 1.269480² = 3.019865 = 1.737776², the square of mscale(s, 2).
+    cfg = dataclasses.replace(V3_YARN, rope_scaling=dataclasses.replace(V3_YARN.rope_scaling, mscale=2.0))
+    np.testing.assert_allclose(yarn_rope_scale(cfg), 1.269480, rtol=1e-6)
+    np.testing.assert_allclose(softmax_scale(cfg), 192**-0.5 * 1.873854, rtol=1e-6)
+    x = jnp.array([[[3.0, 4.0]]])  # (B, T, d): one pair of norm 5
+    rotated = apply_rope(x, jnp.array([7]), jnp.array([0.3]), yarn_rope_scale(cfg))
+    np.testing.assert_allclose(jnp.linalg.norm(rotated), 5 * 1.269480, rtol=1e-6)
+    assert yarn_rope_scale(V3_YARN) == 1.0 and yarn_rope_scale(V3_ROPE) == 1.0  # DeepSeek-V3: mscale = all_dim = 1
 
 
 def test_swiglu_mlp_worked_example():

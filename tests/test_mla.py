@@ -83,6 +83,23 @@ def test_shifting_all_positions_by_a_constant_leaves_the_output_unchanged_with_y
     assert np.abs(attn(x, 2 * jnp.arange(6)) - y).max() > 1e-4
 
 
+def test_yarn_mscale_scales_only_the_rotary_queries_and_keys_and_latent_norms_keep_eps_1e6(cfg):
+    # mscale 2 against mscale_all_dim 1 at s = 4: q^R and k^R grow by (0.2 ln 4 + 1) / (0.1 ln 4 + 1) = 1.2772588 /
+    # 1.1386294 = 1.121752 (layers.yarn_rope_scale); q^C and the latents c^KV do not change.
+    plain = dataclasses.replace(cfg, rope_scaling=YARN, rms_norm_eps=1e-2)
+    hot = dataclasses.replace(plain, rope_scaling=dataclasses.replace(YARN, mscale=2.0))
+    x, positions = hidden(cfg, 1, 5), jnp.arange(5)
+    (q_nope, q_rope), (c_kv, k_rope) = make(plain)._queries(x, positions), make(plain)._latents(x, positions)
+    (q_nope2, q_rope2), (c_kv2, k_rope2) = make(hot)._queries(x, positions), make(hot)._latents(x, positions)
+    np.testing.assert_allclose(q_nope2, q_nope, rtol=1e-6)
+    np.testing.assert_allclose(c_kv2, c_kv, rtol=1e-6)
+    np.testing.assert_allclose(q_rope2, 1.121752 * q_rope, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k_rope2, 1.121752 * k_rope, rtol=1e-5, atol=1e-6)
+    # The latent norms use [G]'s and [HFt]'s fixed 1e-6, not rms_norm_eps (here 1e-2, which the block norms take).
+    attn = make(plain)
+    assert attn.q_a_layernorm.eps == 1e-6 and attn.kv_a_layernorm.eps == 1e-6
+
+
 def test_the_cache_holds_only_kv_lora_rank_plus_qk_rope_head_dim_floats_per_token(cfg):
     batch, max_len = 2, 10
     cache = init_cache(cfg, batch, max_len)

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from minidsv3 import moe
+from minidsv3 import dispatch, moe
 
 
 def make_moe(cfg, seed=0):
@@ -51,7 +51,7 @@ def test_vectorized_dispatch_equals_the_per_expert_loop(cfg, n_shared):
 
     tokens = x.reshape(-1, cfg.hidden_size)  # (N, D)
     topk_idx, gates, _ = layer.gate(tokens)
-    expected = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)  # (N, D)
+    expected = moe.experts_loop(tokens, topk_idx, gates, layer.experts, cfg)  # (N, D)
     if n_shared:
         expected = expected + layer.shared_experts(tokens)
     else:
@@ -65,8 +65,10 @@ def test_dispatch_equals_the_per_expert_loop_under_jit_and_in_bfloat16(cfg):
     layer = make_moe(cfg)
     tokens = random_tokens(cfg).reshape(-1, cfg.hidden_size)  # (N, D)
     topk_idx, gates, _ = layer.gate(tokens)
-    fast = nnx.jit(lambda experts, x, i, g: moe.dispatch(x, i, g, experts, cfg))(layer.experts, tokens, topk_idx, gates)
-    slow = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)
+    fast = nnx.jit(lambda experts, x, i, g: dispatch.dispatch(x, i, g, experts, cfg))(
+        layer.experts, tokens, topk_idx, gates
+    )
+    slow = moe.experts_loop(tokens, topk_idx, gates, layer.experts, cfg)
     # both cast the same bf16 inputs and accumulate in float32; only the summation order may differ
     np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-4)
 
@@ -76,11 +78,11 @@ def test_fp8_dispatch_equals_the_per_expert_fp8_loop_and_stays_near_float32(cfg)
     layer = make_moe(cfg)
     tokens = random_tokens(cfg, b=3, t=7).reshape(-1, cfg.hidden_size)  # (N, D)
     topk_idx, gates, _ = layer.gate(tokens)
-    grouped = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per block
-    looped = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per expert
+    grouped = dispatch.dispatch(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per block
+    looped = moe.experts_loop(tokens, topk_idx, gates, layer.experts, cfg)  # fp8.fp8_matmul per expert
     # same per-token activation tiles and per-expert weight blocks, so the same quantized operands
     np.testing.assert_allclose(grouped, looped, rtol=1e-4, atol=1e-4)
-    exact = moe.dispatch(tokens, topk_idx, gates, layer.experts, dataclasses.replace(cfg, fp8=False))
+    exact = dispatch.dispatch(tokens, topk_idx, gates, layer.experts, dataclasses.replace(cfg, fp8=False))
     rel = float(jnp.linalg.norm(grouped - exact) / jnp.linalg.norm(exact))
     # E4M3 keeps 3 mantissa bits: rounding error up to 2^-4 = 6.25 % per value, ~3.6 % RMS (uniform over ±half an
     # ulp of 2^-3); with both operands of three chained GEMMs quantized we measured ~6 %. Above 1 % proves that the
@@ -89,21 +91,21 @@ def test_fp8_dispatch_equals_the_per_expert_fp8_loop_and_stays_near_float32(cfg)
 
 
 def test_capacities_are_multiples_of_eight_above_the_average_load_and_at_most_every_token():
-    assert moe.capacities(64, 2, 8) == [24, 32]  # average 16: 1.25x = 20 -> 24, 2x = 32
-    assert moe.capacities(2048, 2, 16) == [320, 512]  # tiny.toml at 8 x 256 tokens
-    assert moe.capacities(10, 2, 8) == [8]  # 1.25x and 2x of 2.5 both round up to 8 (N = 10 would cap them)
+    assert dispatch.capacities(64, 2, 8) == [24, 32]  # average 16: 1.25x = 20 -> 24, 2x = 32
+    assert dispatch.capacities(2048, 2, 16) == [320, 512]  # tiny.toml at 8 x 256 tokens
+    assert dispatch.capacities(10, 2, 8) == [8]  # 1.25x and 2x of 2.5 both round up to 8 (N = 10 would cap them)
 
 
 def test_dispatch_runs_the_experts_on_capacity_buffers_or_blocks_never_every_expert_on_every_token(cfg):
     layer = make_moe(cfg)
     tokens = random_tokens(cfg, b=4, t=16).reshape(-1, cfg.hidden_size)  # (N, D), N = 64
     topk_idx, gates, _ = layer.gate(tokens)
-    jaxpr = jax.make_jaxpr(lambda x, i, g: moe.dispatch(x, i, g, layer.experts, cfg))(tokens, topk_idx, gates)
+    jaxpr = jax.make_jaxpr(lambda x, i, g: dispatch.dispatch(x, i, g, layer.experts, cfg))(tokens, topk_idx, gates)
     (switch,) = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
     n, k, e = 64, cfg.num_experts_per_tok, cfg.n_routed_experts
-    c = moe.block_size(n * k, e)  # 128 // (4 * 8) = 4 -> clipped up to 8
-    # N·K = 128 assignments plus at most E·(C-1) = 56 padding rows: 184 // 8 = 23 blocks of 8 rows
-    groups = [(e, 24), (e, 32), ((n * k + e * (c - 1)) // c, c)]  # capacity 1.25x, 2x, then blocks
+    m = dispatch.block_size(n * k, e)  # 128 // (4 * 8) = 4 -> clipped up to 8
+    # N·K = 128 assignments plus at most E·(M-1) = 56 padding rows: 184 // 8 = 23 blocks of 8 rows
+    groups = [(e, 24), (e, 32), ((n * k + e * (m - 1)) // m, m)]  # capacity 1.25x, 2x, then blocks
 
     def dots(jaxpr) -> list[tuple]:  # the lhs shapes of its dot_generals, looking inside the checkpoint
         shapes = []
@@ -137,8 +139,8 @@ def test_dispatch_equals_the_per_expert_loop_at_every_capacity(cfg, busiest):
     assert loads.max() == loads[0] == busiest and (idx[:, 0] != idx[:, 1]).all()
     topk_idx = jnp.asarray(idx)  # (N, 2)
     gates = jax.random.uniform(jax.random.key(2), (n, 2))
-    fast = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
-    slow = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)
+    fast = dispatch.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
+    slow = moe.experts_loop(tokens, topk_idx, gates, layer.experts, cfg)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
 
 
@@ -154,7 +156,7 @@ def test_dispatch_gradients_equal_those_of_the_per_expert_loop(cfg):
 
         return jax.grad(loss, argnums=(0, 1, 2))(tokens, gates, layer.experts)
 
-    fast, slow = grads(moe.dispatch), grads(moe.dispatch_reference)
+    fast, slow = grads(dispatch.dispatch), grads(moe.experts_loop)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
         assert float(jnp.abs(b).max()) > 0
@@ -165,8 +167,8 @@ def test_dispatch_is_dropless_when_every_token_picks_the_same_experts(cfg):
     tokens = random_tokens(cfg, b=2, t=20).reshape(-1, cfg.hidden_size)  # (N, D), N = 40
     topk_idx = jnp.tile(jnp.asarray([[3, 5]], jnp.int32), (40, 1))  # the worst imbalance: two experts get everything
     gates = jnp.full((40, 2), 1.25)
-    fast = moe.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
-    slow = moe.dispatch_reference(tokens, topk_idx, gates, layer.experts, cfg)
+    fast = dispatch.dispatch(tokens, topk_idx, gates, layer.experts, cfg)
+    slow = moe.experts_loop(tokens, topk_idx, gates, layer.experts, cfg)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(fast).min(axis=-1).max()) > 0  # every token got its experts' output
 
@@ -409,3 +411,20 @@ def test_router_bias_is_in_the_model_state_but_not_in_params_or_the_optimizer(cf
     bias = layer.gate.e_score_correction_bias
     bias[...] = moe.update_router_bias(bias[...], load, 0.01)
     np.testing.assert_allclose(np.abs(np.asarray(bias[...])), 0.01, rtol=1e-6)
+
+
+def test_dispatch_layouts_place_the_docstrings_worked_example_by_hand(monkeypatch):
+    # N = 3 tokens, K = 2, E = 3: token 0 -> experts 0, 2; token 1 -> 2, 1; token 2 -> 0, 2 (dispatch's docstring).
+    flat_expert = jnp.array([0, 2, 2, 1, 0, 2])  # assignment a = n·K + k
+    rank = jnp.array([0, 0, 1, 0, 1, 2])  # earlier assignments to the same expert
+    sizes = jnp.array([2, 1, 3])  # loads
+    weights = (jnp.arange(3.0).reshape(3, 1, 1),)  # one (1, 1) "matrix" per expert, holding the expert's number
+
+    row, m, _ = dispatch._capacity_layout(flat_expert, rank, sizes, weights, capacity=3)
+    assert m == 3 and row.tolist() == [0, 6, 7, 3, 1, 8]  # expert·3 + rank
+
+    monkeypatch.setattr(dispatch, "block_size", lambda n_assignments, n_experts: 2)
+    row, m, (block_weights,) = dispatch._block_layout(flat_expert, rank, sizes, weights)
+    # loads padded to [2, 2, 4] rows, experts starting at rows [0, 2, 4]; (6 + 3·1) // 2 = 4 blocks
+    assert m == 2 and row.tolist() == [0, 4, 5, 2, 1, 6]
+    assert block_weights.ravel().tolist() == [0, 1, 2, 2]  # block_expert: each block gathers its expert's weights

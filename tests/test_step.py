@@ -13,7 +13,8 @@ from minidsv3.config import TrainConfig
 from minidsv3.model import Transformer, routers, training_loss
 from minidsv3.step import evaluate, make_optimizer, train_step
 
-TRAIN = TrainConfig(learning_rate=1e-2, warmup_steps=1, pretrain_steps=1000, context_steps=0, sft_steps=0)
+TRAIN = TrainConfig(pretrain_steps=1000, context_steps=0, sft_steps=0)
+LR = 1e-2  # the learning rate each step gets (train.py takes it from schedules.learning_rate)
 
 
 def batch(cfg, b=4, t=16, seed=0):
@@ -23,14 +24,14 @@ def batch(cfg, b=4, t=16, seed=0):
 
 
 def stacked(*batches):
-    return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}  # (A, B, T)
+    return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}  # (micro, B, T)
 
 
 def test_overfitting_one_batch_drives_the_loss_down(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(model, TRAIN)
     micro = stacked(batch(cfg))
-    losses = [float(train_step(model, optimizer, micro, 0.3, 0.001)["main_loss"]) for _ in range(40)]
+    losses = [float(train_step(model, optimizer, micro, LR, 0.3, 0.001)["main_loss"]) for _ in range(40)]
     # uniform guessing over 97 tokens is ln 97 = 4.57 nats; memorizing 64 targets must get far below
     assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0], losses[::10]
 
@@ -44,7 +45,7 @@ def test_the_router_bias_moves_once_per_step_from_the_loads_of_all_micro_batches
     loads = sum(np.asarray(model(m["inputs"])[1]["expert_load"]) for m in (a, b))  # (L_moe, E)
     before = [np.asarray(r.e_score_correction_bias[...]) for r in routers(model)]
     gamma = 0.01
-    out = train_step(model, optimizer, stacked(a, b), 0.3, gamma)
+    out = train_step(model, optimizer, stacked(a, b), LR, 0.3, gamma)
     np.testing.assert_allclose(out["expert_load"], loads)  # the step reports the summed loads it used
     for router, b0, load in zip(routers(model), before, loads, strict=True):
         expected = np.asarray(moe.update_router_bias(jnp.asarray(b0), jnp.asarray(load), gamma))
@@ -59,28 +60,31 @@ def test_with_gamma_zero_the_biases_stay_put_but_the_parameters_move(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(model, TRAIN)
     w0 = np.asarray(model.layers[1].mlp.gate.weight[...])
-    train_step(model, optimizer, stacked(batch(cfg)), 0.3, 0.0)
+    train_step(model, optimizer, stacked(batch(cfg)), LR, 0.3, 0.0)
     for router in routers(model):
         np.testing.assert_array_equal(router.e_score_correction_bias[...], 0.0)
     assert not np.allclose(model.layers[1].mlp.gate.weight[...], w0)
 
 
-def test_accumulating_two_micro_batches_takes_the_mean_gradient_of_both(cfg):
-    # With SGD at learning rate 1, a step moves every parameter by exactly the gradient it applied: on micro-batches
-    # (a, b) that must be the gradient of the mean loss over a+b (same tokens, equal sizes), not their sum.
-    cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+def test_the_step_descends_the_mean_over_all_its_scored_tokens_however_they_are_split_into_micro_batches(cfg):
+    # With SGD at learning rate 1, a step moves every parameter by exactly the gradient it applied. Micro-batch a
+    # scores 3 tokens (an SFT batch of short responses), b scores all 2 x 16 = 32: the step must apply the gradient of
+    # (NLL summed over the 35 scored tokens) / 35 (+ λ·the MTP NLL over the same count, + the balance loss averaged
+    # over the 4 sequences), i.e. the loss of one batch a+b. Averaging the two micro-batch means would weigh a's
+    # 3 tokens as much as b's 32.
     a, b = batch(cfg, b=2, seed=3), batch(cfg, b=2, seed=4)
+    a["loss_mask"] = jnp.zeros_like(a["loss_mask"]).at[0, 4:7].set(1.0)  # (2, 16): 3 scored tokens
     both = {k: jnp.concatenate([a[k], b[k]]) for k in a}
     reference = Transformer(cfg, rngs=nnx.Rngs(0))
-    expected = nnx.to_flat_state(nnx.grad(lambda m: training_loss(m, both, 0.3)[0])(reference))
+    grad_fn = nnx.jit(nnx.grad(lambda m, x: training_loss(m, x, 0.3)[0]))  # jitted: half the time of eager
+    expected = nnx.to_flat_state(grad_fn(reference, both))
 
     for micro in (stacked(a, b), stacked(both)):
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         before = [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-        train_step(model, nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param), micro, 0.3, 0.0)
+        train_step(model, nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param), micro, LR, 0.3, 0.0)
         after = [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
         for (path, g), b0, b1 in zip(expected, before, after, strict=True):
-            # the balance loss is a per-sequence mean, so averaging it over equal micro-batches agrees too
             np.testing.assert_allclose(b0 - b1, g[...], rtol=1e-3, atol=1e-6, err_msg=str(path))
 
 

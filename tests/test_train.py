@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minidsv3 import config, flops
+from minidsv3 import checkpoint, config, flops
 from minidsv3.generate import load_run
+from minidsv3.model import Transformer
+from minidsv3.run import read_metrics
+from minidsv3.step import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +61,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def train_records(run: Path) -> list[tuple]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run)
     return [(r["step"], r["stage"], r["main_loss"], r["router_bias"]) for r in lines if not r.get("eval")]
 
 
@@ -101,9 +104,13 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tmp_path, corpus):
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_130_in_the_middle_of_the_batch_ramp(tmp_path, corpus):
+    # The batch ramp (report §4.2) from 1 to 2 micro-batches of 2 x 16 tokens over the first 32 tokens: the first
+    # step holds 32 tokens, every later one 64 (a second compilation of the step, not one per step).
     run = tmp_path / "run"
-    args = [*TINY, "--train.pretrain_steps=2000", f"--data.path={corpus}", f"--train.out_dir={run}"]
+    ramp = ["--train.batch_size=2", "--train.grad_accum_steps=2", "--train.batch_ramp_start=2",
+            "--train.batch_ramp_tokens=32"]  # fmt: skip
+    args = [*TINY, *ramp, "--train.pretrain_steps=2000", f"--data.path={corpus}", f"--train.out_dir={run}"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
@@ -115,9 +122,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tmp_path, corpus):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
-    assert "checkpoint saved" in out
+    assert "checkpoint saved" in out and "batch-size ramp (sequences per step): 2 from step 0, 4 from step 1" in out
     steps_done = len(train_records(run))
     assert (run / "checkpoints" / str(steps_done)).is_dir()
+    tokens = [r["tokens"] for r in map(json.loads, metrics.read_text().splitlines()) if not r.get("eval")]
+    assert steps_done >= 3 and tokens == [32] + [64] * (steps_done - 1)
+    # the checkpoint's ledger counts the tokens of the ramp's steps
+    cfg = config.from_dict(json.loads((run / "config.json").read_text()))
+    meta = checkpoint.restore(run, Transformer(cfg.model, rngs=nnx.Rngs(0)), None)
+    assert meta["step"] == steps_done and meta["ledger"]["stages"]["pretrain"]["tokens"] == sum(tokens)
 
 
 @pytest.mark.parametrize(
@@ -163,10 +176,13 @@ def test_bad_input_gets_a_one_line_error_a_nonzero_exit_and_overwrites_nothing(t
     elif case == "bad_override":
         extra = ["--model.hidden_size=-3"]
         data = corpus
-    elif case == "corrupt_checkpoint":
+    elif case == "corrupt_checkpoint":  # the run's config and a checkpoint as train.py saves them, then garbage
         data = corpus
-        ok = train(*TINY, f"--data.path={corpus}", f"--train.out_dir={run}", "--train.stop_after_steps=2", cwd=tmp_path)
-        assert ok.returncode == 0, ok.stderr[-2000:]
+        cfg = config.load(ROOT / "configs/tiny.toml", [*TINY, f"--data.path={corpus}", f"--train.out_dir={run}"])
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+        checkpoint.save(run, 2, model, make_optimizer(model, cfg.train), {"step": 2}, keep=2)
         for f in (run / "checkpoints" / "2").rglob("*"):
             if f.is_file() and f.suffix != ".json" and "metadata" not in f.name:
                 f.write_bytes(b"garbage")
