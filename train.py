@@ -48,25 +48,28 @@ config_path = args.pop(0) if args and not args[0].startswith("--") else Path(__f
 try:
     cfg = config.load(config_path, args)
     resolved = config.to_dict(cfg)
-    run_dir = run.open_run_folder(cfg.train.out_dir, resolved)  # writes config.json, or checks it is this run's
+    run_dir = run.check_run_folder(cfg.train.out_dir, resolved)  # holds no run or this one; reads only
 except (config.ConfigError, run.RunFolderError) as e:
     fail(str(e))
 tc = cfg.train
 print(f"run folder {run_dir}")
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: corpus -> split by files -> BPE tokenizer -> cached token arrays; SFT pairs from the same corpus
+# Data: corpus -> split by files -> BPE tokenizer -> cached token arrays; SFT pairs from the same corpus.
+# Nothing is written until every input has been checked: a refused start leaves the run folder as it was.
 
 try:
-    docs = data.load_documents(cfg.data.path)
+    docs = data.load_documents(cfg.data.path)  # warns about each file it skips
+    corpus = data.manifest(docs)
+    run.check_corpus(run_dir, corpus)  # a run that continues reads the corpus it began with
     train_docs, val_docs = data.split_documents(docs, cfg.data.val_fraction, cfg.data.split_seed)
-    (run_dir / "manifest.json").write_text(json.dumps(data.manifest(docs), indent=2))
     cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else run_dir / "cache"
+    new_cache_files = {}  # written with the run folder, below
     t0 = time.time()
-    tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir)
-    train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train")
-    val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val")
-except data.DataError as e:
+    tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir, new_cache_files)
+    train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train", new_cache_files)
+    val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val", new_cache_files)
+except (data.DataError, run.RunFolderError) as e:
     fail(str(e))
 entropy = data.unigram_entropy(train_tokens, cfg.model.vocab_size)
 print(
@@ -79,10 +82,8 @@ print(
 # with batch/s sequences so that a step holds the same tokens (15360 x 4K = 1920 x 32K in the report).
 s = tc.context_yarn_factor
 long_seq = round(cfg.data.seq_len * s)
-yarn_model = dataclasses.replace(
-    cfg.model,
-    rope_scaling=config.RopeScaling(factor=s, original_max_position_embeddings=cfg.data.seq_len),
-    max_position_embeddings=max(cfg.model.max_position_embeddings, long_seq),
+yarn_model = dataclasses.replace(  # long_seq fits max_position_embeddings (config_checks.validate_run)
+    cfg.model, rope_scaling=config.RopeScaling(factor=s, original_max_position_embeddings=cfg.data.seq_len)
 )
 extended = tc.context_steps > 0 and s > 1
 sft_seq = long_seq if extended else cfg.data.seq_len
@@ -112,6 +113,8 @@ try:  # each stage's loader and validation batches; a stage switched off (0 step
         print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
 except data.DataError as e:
     fail(str(e))
+except OSError as e:  # e.g. an SFT file without read permission
+    fail(f"{e.filename}: cannot be read ({e.strerror}); fix its permissions or point --data.sft_path elsewhere")
 stages = [st for st in stages if st["steps"] or st["name"] == "pretrain"]  # at least one, for the final report
 total_steps = sum(st["steps"] for st in stages)
 
@@ -132,12 +135,26 @@ if checkpoint.latest_step(run_dir) is not None:
     except checkpoint.CheckpointError as e:
         fail(str(e))
     step = meta["step"]
+    for moved in checkpoint.set_aside_newer(run_dir, meta["restored_step"]):  # unreadable: restore passed over them
+        print(f"moved the unreadable checkpoint to {moved}; the run writes that step again")
     for st in stages:
         if st["steps"]:
             st["batches"].load_state_dict(meta["loaders"][st["name"]])
     ledger = Ledger.from_dict(meta["ledger"])
     print(f"resumed from checkpoint at step {step} of {total_steps}")
-metrics_out = run.open_metrics(run_dir, step)  # the records up to the checkpoint; later ones are dropped
+# Every input is checked, the checkpoint included: the run folder gets this start's config.json and manifest.json, and the caches their files.
+try:
+    run.open_run_folder(run_dir, resolved, corpus)
+    data.write_files(new_cache_files)
+except run.RunFolderError as e:
+    fail(str(e))
+except OSError as e:
+    fail(f"{e.filename}: cannot write the cache ({e.strerror}); choose another --data.cache_dir")
+
+try:
+    metrics_out = run.open_metrics(run_dir, step)  # the records up to the checkpoint; later ones are dropped
+except run.RunFolderError as e:
+    fail(str(e))
 
 
 def save_checkpoint() -> None:
@@ -149,7 +166,10 @@ def save_checkpoint() -> None:
         "model_config": config.to_dict(model.cfg),  # the current stage's (YaRN on after pre-training)
         "tokenizer": tokenizer.to_str(),
     }
-    checkpoint.save(run_dir, step, model, optimizer, meta, tc.keep_checkpoints)
+    try:  # refuses NaN or infinity; a full disk leaves the older checkpoints intact
+        checkpoint.save(run_dir, step, model, optimizer, meta, tc.keep_checkpoints)
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
 
 
 stop_signal = []
@@ -160,6 +180,7 @@ for sig in (signal.SIGINT, signal.SIGTERM):
 # The stages
 
 stage_start = 0
+skipped, skipped_in_a_row = 0, 0  # steps whose loss or gradient was NaN or infinite, which changed nothing
 for st in stages:
     stage_end = stage_start + st["steps"]
     if step >= stage_end:  # finished before a resume
@@ -183,6 +204,8 @@ for st in stages:
         loss = float(out["main_loss"])  # waits for the step
         seconds = time.perf_counter() - tic
         step += 1
+        skipped_in_a_row = skipped_in_a_row + 1 if out["skipped"] else 0
+        skipped += bool(out["skipped"])
 
         # log
         tokens = int(micro["inputs"].size)
@@ -193,8 +216,16 @@ for st in stages:
         run.write_record(metrics_out, record)
         tok_s = speed.add(micro["inputs"].shape, tokens, seconds)
         shown = f" MaxVio {record['maxvio_batch']:.2f}" if record["maxvio_batch"] is not None else ""
+        shown += f" skipped {skipped} (NaN/inf)" if skipped else ""
         bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e} {tok_s:,.0f} tok/s{shown}")
         bar.update(1)
+        if skipped_in_a_row == tc.max_skipped_steps:  # diverged: more steps would only skip too
+            bar.close()
+            fail(
+                f"training diverged: steps {step - skipped_in_a_row + 1} to {step} all had a NaN or infinite loss or"
+                " gradient and were skipped (train.max_skipped_steps); stopped without saving a checkpoint. Resuming"
+                " would repeat them exactly: start a new --train.out_dir with a lower --train.learning_rate"
+            )
 
         # evaluate
         if step % tc.eval_every == 0 or step == stage_end:

@@ -22,8 +22,7 @@ from train_once import bench_args, train_once
 
 from minidsv3 import config, data, moe
 from minidsv3.batches import eval_batches
-from minidsv3.generate import load_run
-from minidsv3.run import read_metrics
+from minidsv3.run import load_run, read_metrics
 from minidsv3.step import evaluate
 
 PRETRAIN_ONLY = ["--train.context_steps=0", "--train.sft_steps=0", "--train.sample_tokens=0"]
@@ -62,7 +61,7 @@ def layer_mean(maxvio_per_layer) -> float:
 def training_text_maxvio(out: Path) -> float:
     """MaxVio_global of a run's final model over its whole training text, in windows of seq_len."""
     cfg = config.from_dict(json.loads((out / "config.json").read_text()))
-    model, tokenizer = load_run(out)
+    model, tokenizer, _ = load_run(out)
     train_docs, _ = data.split_documents(data.load_documents(cfg.data.path), cfg.data.val_fraction, cfg.data.split_seed)
     cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else out / "cache"  # as train.py's
     tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train")  # (N,) tokenized by train.py already

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import peer_config
 
 from minidsv3 import config
-from minidsv3.generate import load_run, run
+from minidsv3.generate import run
 from minidsv3.model import Transformer
+from minidsv3.run import load_run
 
 
 def peer_model(m: config.ModelConfig):
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (a.run / "config.json").is_file():
         print(f"\n3. speculative decoding: no trained run at {a.run} (train it with `python train.py`); skipped")
         return
-    trained, tokenizer = load_run(a.run)
+    trained, tokenizer, _ = load_run(a.run)
     ids = tokenizer.encode("def ").ids
     run(trained, ids, a.new_tokens), run(trained, ids, a.new_tokens, speculative=True)  # compile both
     plain = min((run(trained, ids, a.new_tokens) for _ in range(a.repeats)), key=lambda g: -g.tokens_per_s)

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from minidsv3.config import ModelConfig, load, load_model_config
+from minidsv3.config import ConfigError, ModelConfig, load, load_model_config
 from minidsv3.flops import FlopBreakdown, count_params, flops_per_token
 from minidsv3.ledger import STAGES, StageCost, format_table1, mfu
 
@@ -154,15 +156,24 @@ DEEPSEEK_V3_PRESET = {
 # Command line
 
 
+class PlanError(ValueError):
+    """A `project` request that cannot be projected (a malformed --stage, no config): the message says what to give."""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command == "params":
-        _print_params(load_model_config(args.config))
-    elif args.command == "flops":
-        cfg = load(args.config)
-        _print_flops(cfg.model, args.seq_len or cfg.data.seq_len)
-    else:
-        _print_projection(args)
+    # what the user can get wrong (a config, a --stage plan) fails here with one line; anything else is a bug
+    try:
+        if args.command == "params":
+            _print_params(load_model_config(args.config))
+        elif args.command == "flops":
+            cfg = load(args.config)
+            _print_flops(cfg.model, args.seq_len or cfg.data.seq_len)
+        else:
+            _print_projection(args)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,19 +182,52 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("params", help="parameter counts").add_argument("config")
     flops = commands.add_parser("flops", help="training FLOPs per token")
     flops.add_argument("config")
-    flops.add_argument("--seq-len", type=int, default=None, help="default: the config's data.seq_len")
+    flops.add_argument("--seq-len", type=_positive_int, default=None, help="default: the config's data.seq_len")
     proj = commands.add_parser("project", help="Table 1 for a token budget, device and efficiency")
     proj.add_argument("config", nargs="?")
     proj.add_argument("--preset", choices=["deepseek-v3"])
     proj.add_argument("--device", choices=list(PEAK_FLOPS), default="H800")
-    proj.add_argument("--devices", type=int, default=None)
-    proj.add_argument("--price", type=float, default=2.0, help="USD per device-hour")
+    proj.add_argument("--devices", type=_positive_int, default=None)
+    proj.add_argument("--price", type=_non_negative_float, default=2.0, help="USD per device-hour")
     proj.add_argument("--include-mtp", action="store_true", help="count the MTP modules' FLOPs too")
     proj.add_argument(
         "--stage", nargs=4, action="append", default=[], metavar=("NAME", "TOKENS", "SEQ_LEN", "RATE"),
         help="e.g. pretrain 14.8e12 4096 mfu=0.39; context 62.9e9,62.9e9 32768,131072 hours=119e3; sft - - hours=5e3",
     )  # fmt: skip
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _whole(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _number(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _whole(text: str) -> int | None:
+    """`text` as an int, or None when it is not one ("4.5", "4k")."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _number(text: str) -> float | None:
+    """`text` as a finite float, or None when it is not one ("abc", "nan", "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _print_params(cfg: ModelConfig) -> None:
@@ -220,7 +264,7 @@ def _print_projection(args: argparse.Namespace) -> None:
     preset = DEEPSEEK_V3_PRESET if args.preset else {}
     path = args.config or preset.get("config")
     if path is None:
-        raise SystemExit("project: give a CONFIG or --preset")
+        raise PlanError("project: give a CONFIG (e.g. configs/deepseek_v3.toml) or --preset deepseek-v3")
     cfg = load_model_config(path)
     plans = [_parse_stage(values) for values in args.stage] or preset.get("plans", [])
     device = preset.get("device", args.device) if not args.stage else args.device
@@ -241,13 +285,26 @@ def _print_projection(args: argparse.Namespace) -> None:
 
 
 def _parse_stage(values: list[str]) -> StagePlan:
-    """NAME TOKENS SEQ_LEN RATE; TOKENS and SEQ_LEN comma lists of phases or '-'; RATE mfu=|tokens_per_day=|hours=."""
+    """NAME TOKENS SEQ_LEN RATE; TOKENS and SEQ_LEN comma lists of phases or '-'; RATE mfu=|tokens_per_day=|hours=.
+    Anything else is a PlanError naming the --stage and the part at fault."""
     name, tokens, seq_lens, rate = values
-    phases = () if tokens == "-" else tuple(zip(map(float, tokens.split(",")), map(int, seq_lens.split(","))))
-    key, _, value = rate.partition("=")
-    if key not in ("mfu", "tokens_per_day", "hours") or name not in STAGES:
-        raise SystemExit(f"--stage {' '.join(values)}: NAME in {list(STAGES)}, RATE mfu=|tokens_per_day=|hours=")
-    return StagePlan(name, phases, **{key: float(value)})
+    where = f"--stage {' '.join(values)}"
+    if name not in STAGES:
+        raise PlanError(f"{where}: NAME must be one of {', '.join(STAGES)}, got {name!r}")
+    key, _, text = rate.partition("=")
+    value = _number(text)
+    if key not in ("mfu", "tokens_per_day", "hours") or value is None:
+        raise PlanError(f"{where}: RATE must be mfu=, tokens_per_day= or hours= and a number, got {rate!r}")
+    if not (0 < value <= 1 if key == "mfu" else value > 0):
+        raise PlanError(f"{where}: {key} must be {'in (0, 1]' if key == 'mfu' else '> 0'}, got {text}")
+    if tokens == "-" or seq_lens == "-":
+        if (tokens, seq_lens, key) != ("-", "-", "hours"):
+            raise PlanError(f"{where}: '-' for both TOKENS and SEQ_LEN (no phases) goes with hours= only")
+        return StagePlan(name, (), hours=value)
+    counts, lengths = [_number(t) for t in tokens.split(",")], [_whole(n) for n in seq_lens.split(",")]
+    if len(counts) != len(lengths) or any(c is None or c <= 0 or n is None or n < 1 for c, n in zip(counts, lengths)):
+        raise PlanError(f"{where}: TOKENS must be numbers > 0, SEQ_LEN whole numbers >= 1, one per token count")
+    return StagePlan(name, tuple(zip(counts, lengths)), **{key: value})
 
 
 if __name__ == "__main__":

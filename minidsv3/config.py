@@ -1,5 +1,5 @@
-"""Configuration: frozen dataclasses, their validation, and `load` (a TOML file, then `--section.field=value`
-overrides; the reading and type-checking mechanics are in config_io.py).
+"""Configuration: frozen dataclasses and `load` (a TOML file, then `--section.field=value` overrides; the reading and
+type-checking mechanics are in config_io.py, the validation in config_checks.py).
 
 Architecture fields carry exactly the names of Hugging Face's `DeepseekV3Config`, so a config can be diffed against
 DeepSeek's own `config.json` (notes §8). Fields of our own carry the paper's symbol and source in a comment.
@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 # config.ConfigError and config.to_dict are part of this module's interface; they live with the loading mechanics
+from minidsv3.config_checks import validate, validate_run
 from minidsv3.config_io import ConfigError, apply_override, build, read_toml, to_dict  # noqa: F401
 
 
@@ -139,6 +140,7 @@ class TrainConfig:
     eval_batches: int = 4
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    max_skipped_steps: int = 10  # stop after this many steps in a row skipped for a NaN or inf loss or gradient
     sample_tokens: int = 120
     price_per_hour: float = 2.0  # USD per device-hour, report Table 1
     stop_after_steps: int = 0  # stop (with a checkpoint) after this global step, to continue later; 0 = run to the end
@@ -152,137 +154,16 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}: {message}")
-
-
-def _require_each(section, prefix: str, names: tuple[str, ...], ok, allowed: str) -> None:
-    """_require(ok(value)) for each named field of `section`: "train.batch_size: must be > 0, got 0"."""
-    for name in names:
-        value = getattr(section, name)
-        _require(ok(value), f"{prefix}.{name}", f"must be {allowed}, got {value}")
-
-
-def validate_model(m: ModelConfig) -> None:
-    """Reject every invalid value or combination, naming the field."""
-    positive = (
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-        "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-        "fp8_block_size", "fp8_promotion_interval", "routed_scaling_factor", "rope_theta", "rms_norm_eps",
-        "initializer_range",
-    )  # fmt: skip
-    _require_each(m, "model", positive, lambda v: v > 0, "> 0")
-    non_negative = ("q_lora_rank", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
-    _require_each(m, "model", (*non_negative, "aux_loss_alpha"), lambda v: v >= 0, ">= 0")
-    rope_dim = m.qk_rope_head_dim
-    _require(rope_dim % 2 == 0, "model.qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {rope_dim}")
-    _require(m.topk_group <= m.n_group, "model.topk_group", f"must be <= n_group ({m.n_group}), got {m.topk_group}")
-    _require(
-        m.n_routed_experts % m.n_group == 0,
-        "model.n_routed_experts",
-        f"must be divisible by n_group ({m.n_group}), got {m.n_routed_experts}",
-    )
-    reachable = m.topk_group * (m.n_routed_experts // m.n_group)
-    _require(
-        m.num_experts_per_tok <= reachable,
-        "model.num_experts_per_tok",
-        f"must be <= the experts in topk_group groups ({m.topk_group} x {m.n_routed_experts // m.n_group} = {reachable}),"
-        f" got {m.num_experts_per_tok}",
-    )
-    _require(
-        m.first_k_dense_replace <= m.num_hidden_layers,
-        "model.first_k_dense_replace",
-        f"must be <= num_hidden_layers ({m.num_hidden_layers}), got {m.first_k_dense_replace}",
-    )
-    _require(m.dtype in ("float32", "bfloat16"), "model.dtype", f"must be 'float32' or 'bfloat16', got {m.dtype!r}")
-    bits = m.fp8_accum_mantissa_bits
-    _require(1 <= bits <= 23, "model.fp8_accum_mantissa_bits", f"must be in [1, 23] (float32 has 23), got {bits}")
-    if m.rope_scaling is not None:
-        r = m.rope_scaling
-        _require(r.type == "yarn", "model.rope_scaling.type", f"only 'yarn' is supported, got {r.type!r}")
-        _require(r.factor >= 1, "model.rope_scaling.factor", f"must be >= 1, got {r.factor}")
-        _require_each(r, "model.rope_scaling", ("original_max_position_embeddings",), lambda v: v > 0, "> 0")
-        _require(r.beta_fast > r.beta_slow > 0, "model.rope_scaling.beta_fast", "need beta_fast > beta_slow > 0")
-
-
-def validate_data(d: DataConfig) -> None:
-    _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    _require(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
-
-
-def validate_train(tc: TrainConfig) -> None:
-    positive = (
-        "batch_size", "grad_accum_steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-        "learning_rate", "context_learning_rate", "sft_learning_rate", "adam_eps", "grad_clip",
-    )  # fmt: skip
-    _require_each(tc, "train", positive, lambda v: v > 0, "> 0")
-    non_negative = (
-        "pretrain_steps", "context_steps", "sft_steps", "warmup_steps", "sample_tokens", "stop_after_steps",
-        "batch_ramp_start", "batch_ramp_tokens", "weight_decay", "bias_update_speed", "mtp_lambda", "mtp_lambda_late",
-        "price_per_hour",
-    )  # fmt: skip
-    _require_each(tc, "train", non_negative, lambda v: v >= 0, ">= 0")
-    _require_each(tc, "train", ("adam_b1", "adam_b2"), lambda v: 0 <= v < 1, "in [0, 1)")
-    fractions = (
-        "constant_fraction", "tail_fraction", "final_fraction", "bias_freeze_fraction", "mtp_lambda_switch",
-        "min_lr_ratio", "final_lr_ratio",
-    )  # fmt: skip
-    _require_each(tc, "train", fractions, lambda v: 0 <= v <= 1, "in [0, 1]")
-    _require(
-        tc.constant_fraction + tc.tail_fraction <= 1,
-        "train.constant_fraction",
-        f"constant_fraction + tail_fraction must be <= 1, got {tc.constant_fraction} + {tc.tail_fraction}",
-    )
-    _require(
-        tc.final_fraction <= tc.tail_fraction,
-        "train.final_fraction",
-        f"must be <= tail_fraction ({tc.tail_fraction}): it is the tail's last part, got {tc.final_fraction}",
-    )
-    _require(tc.context_yarn_factor >= 1, "train.context_yarn_factor", f"must be >= 1, got {tc.context_yarn_factor}")
-    _require(bool(tc.out_dir), "train.out_dir", "must not be empty")
-    validate_batch_ramp(tc)
-
-
-def validate_batch_ramp(tc: TrainConfig) -> None:
-    """The ramp grows a step by whole micro-batches, from batch_ramp_start to batch_size·grad_accum_steps sequences."""
-    full = tc.batch_size * tc.grad_accum_steps
-    _require(
-        (tc.batch_ramp_start > 0) == (tc.batch_ramp_tokens > 0),
-        "train.batch_ramp_start",
-        "batch_ramp_start and batch_ramp_tokens are set together (both > 0) or not at all (both 0),"
-        f" got {tc.batch_ramp_start} and {tc.batch_ramp_tokens}",
-    )
-    if tc.batch_ramp_start:
-        _require(
-            tc.batch_ramp_start % tc.batch_size == 0 and tc.batch_ramp_start < full,
-            "train.batch_ramp_start",
-            f"must be a multiple of batch_size ({tc.batch_size}) below batch_size x grad_accum_steps ({full}),"
-            f" got {tc.batch_ramp_start}",
-        )
-
-
-def validate(cfg: Config) -> Config:
-    validate_model(cfg.model)
-    validate_data(cfg.data)
-    validate_train(cfg.train)
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Loading: a TOML file, then the command line's overrides, then validation (the mechanics are in config_io.py)
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when `path` is None), apply `--section.field=value` overrides, validate."""
+    """Read a TOML config (or the defaults when `path` is None), apply `--section.field=value` overrides, validate
+    the sections and the run they describe."""
     tables = read_toml(path) if path is not None else {}
     for text in overrides:
         apply_override(tables, text)
-    return from_dict(tables)
+    return validate_run(from_dict(tables))
 
 
 def from_dict(tables: dict) -> Config:
@@ -290,10 +171,23 @@ def from_dict(tables: dict) -> Config:
     return validate(build(Config, tables))
 
 
-def run_defining(tables: dict, without: tuple[str, ...] = ("stop_after_steps",)) -> dict:
-    """A config dict (as config.json stores it) minus the train fields that do not define the run: by default where
-    to stop, which a run's continuation may change."""
-    return {**tables, "train": {k: v for k, v in tables["train"].items() if k not in without}}
+# Fields that say where a run lives and how it is kept, not what it trains: a run folder may be moved or copied, its
+# corpus moved (manifest.json's hash checks the content) and its caches kept elsewhere, and a continuation may stop
+# elsewhere, keep more checkpoints or tolerate more non-finite steps. bench/train_once.py reuses a finished run on the
+# same terms.
+NOT_RUN_DEFINING = {
+    "data": ("path", "cache_dir"),
+    "train": ("out_dir", "stop_after_steps", "keep_checkpoints", "max_skipped_steps"),
+}
+
+
+def run_defining(tables: dict) -> dict:
+    """A config dict (as config.json stores it) minus NOT_RUN_DEFINING: what two runs must share to be the same run."""
+    return {
+        section: {k: v for k, v in fields.items() if k not in NOT_RUN_DEFINING.get(section, ())}
+        if isinstance(fields, dict) else fields
+        for section, fields in tables.items()
+    }  # fmt: skip
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

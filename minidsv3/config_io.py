@@ -23,14 +23,21 @@ class ConfigError(ValueError):
 
 
 def read_toml(path: str | Path) -> dict:
-    """The tables of a TOML file; a missing file or bad TOML is a ConfigError naming the file."""
+    """The tables of a TOML file; a file that is missing, unreadable, not UTF-8 or not TOML is a ConfigError naming
+    the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        found = "is not a file" if path.exists() else "config file not found"
+        raise ConfigError(f"{path}: {found}; give the path of a TOML file such as configs/tiny.toml")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")  # TOML is UTF-8 by definition, whatever the locale says
+        return tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the file's permissions") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        raise ConfigError(f"{path}: not valid TOML ({e}); see configs/tiny.toml for the format") from None
 
 
 def apply_override(tables: dict, text: str) -> None:
@@ -88,6 +95,8 @@ def check_type(value, annotation, field: str):
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{field}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # numpy and JAX take 64-bit integers at most
+            raise ConfigError(f"{field}: must fit in 64 bits (below 2**63 in magnitude), got {value}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -98,6 +107,8 @@ def check_type(value, annotation, field: str):
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{field}: expected a string, got {value!r}")
+        if "\0" in value:  # no path may hold one
+            raise ConfigError(f"{field}: must not contain a NUL character, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {annotation} for {field}")
 

@@ -8,6 +8,16 @@ learn; and because its functions come with docstrings, which give us supervised 
 signature + docstring, response = body). It differs between Python versions, so the caller records `manifest(docs)`
 (file count, bytes, content hash) in the run folder. Any UTF-8 file or folder can replace it (`--data.path`).
 
+A folder corpus is read recursively in sorted order; hidden files and folders are left out, and so are linked folders
+(links to files are followed). A file that cannot be used is skipped with a warning on stderr naming it and why: not
+UTF-8, unreadable (permissions), a dangling link, or not a regular file (a FIFO or device, which would block). A corpus
+is a collection, and one stray binary file should not stop a run; the warning shows it, and the manifest's hash
+changes with what was read, so a run continued on a corpus read differently is refused. Nothing usable left is an
+error, and a single-file corpus or an SFT file that cannot be used is refused with one line.
+
+Tokenizer and token arrays are cached by content hash. `new_files` lets the caller hold new cache entries in memory
+and write them (`write_files`) only once every input is checked, so a refused run leaves no files behind.
+
 What the report does and how we follow it (report §4.1, notes §5):
 - byte-level BPE (128K vocabulary in the report; `vocab_size` here), trained with the `tokenizers` library;
 - document packing: documents joined with `<|endoftext|>` into one stream (`encode_documents`), which
@@ -26,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import NamedTuple
@@ -53,9 +64,10 @@ class Document(NamedTuple):
 
 
 def _list_files(root: Path, skip_dirs: set[str]) -> list[str]:
-    """Relative posix paths of the files under `root`, sorted; hidden files and folders are skipped."""
+    """Relative posix paths of the files under `root`, sorted; hidden files and folders are skipped, and so are
+    links to folders (os.walk does not follow them)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: warn_skipped(f"{e.filename}: {e.strerror}")):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
         rel = Path(dirpath).relative_to(root)
         found += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
@@ -67,8 +79,25 @@ def decode_text(path: Path, data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path}: not valid UTF-8 at byte offset {e.start}; the corpus must be UTF-8 text (convert or remove the file)"
+            f"{path}: not valid UTF-8 at byte offset {e.start}; convert the file to UTF-8 text or remove it"
         ) from None
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file, or a DataError naming it and why: a dangling link, not a regular file, unreadable,
+    not UTF-8."""
+    if not path.is_file():  # follows links; False for a folder, a FIFO or a device, whose reading could block
+        what = "a dangling link" if path.is_symlink() and not path.exists() else "not a regular file"
+        raise DataError(f"{path}: {what}; point at UTF-8 text files (or remove it)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); fix its permissions or remove it") from None
+    return decode_text(path, data)
+
+
+def warn_skipped(problem: str) -> None:
+    print(f"warning: skipped {problem}", file=sys.stderr)
 
 
 def stdlib_files() -> tuple[Path, list[str]]:
@@ -78,31 +107,33 @@ def stdlib_files() -> tuple[Path, list[str]]:
 
 
 def load_documents(path: str) -> list[Document]:
-    """Read the corpus: "" = the stdlib's source; a UTF-8 file; or a folder of them (recursive, sorted, no hidden)."""
+    """Read the corpus: "" = the stdlib's source; a UTF-8 file; or a folder of them (recursive, sorted, no hidden),
+    skipping with a warning each file that cannot be used."""
     if path == "":
         root, names = stdlib_files()
-        docs = []
-        for name in names:
-            try:  # a stdlib file that is not UTF-8 is skipped rather than failing the default run
-                docs.append(Document(name, (root / name).read_bytes().decode("utf-8")))
-            except UnicodeDecodeError:
-                continue
-        return [d for d in docs if d.text]
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file or folder; point --data.path at a UTF-8 text file or folder")
-    if p.is_file():
-        text = decode_text(p, p.read_bytes())
-        if not text:
-            raise DataError(f"{path}: the file is empty; the corpus needs some text")
-        return [Document(p.name, text)]
-    names = _list_files(p, {"__pycache__"})
-    if not names:
-        raise DataError(f"{path}: the folder has no files (hidden ones are skipped); add UTF-8 text files")
-    docs = [Document(name, decode_text(p / name, (p / name).read_bytes())) for name in names]
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"{path}: no such file or folder; point --data.path at a UTF-8 text file or folder")
+        if not root.is_dir():  # a single-file corpus: all or nothing
+            text = read_text(root)
+            if not text:
+                raise DataError(f"{path}: the file is empty; the corpus needs some text")
+            return [Document(root.name, text)]
+        names = _list_files(root, {"__pycache__"})
+        if not names:
+            raise DataError(f"{path}: the folder has no files (hidden ones are skipped); add UTF-8 text files")
+    docs, skipped = [], 0
+    for name in names:
+        try:
+            docs.append(Document(name, read_text(root / name)))
+        except DataError as e:
+            warn_skipped(str(e))
+            skipped += 1
     docs = [d for d in docs if d.text]  # an empty file would only add a separator
     if not docs:
-        raise DataError(f"{path}: all {len(names)} files are empty; the corpus needs some text")
+        why = f"{skipped} skipped (see the warnings above), the rest empty" if skipped else "all empty"
+        raise DataError(f"{root}: none of its {len(names)} files has text: {why}; the corpus needs UTF-8 text files")
     return docs
 
 
@@ -179,15 +210,26 @@ def _train_tokenizer(docs: list[Document], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written cache file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def write_files(files: dict[Path, bytes]) -> None:
+    """Write each file (folders made as needed) to a temporary name, then rename: a crash never leaves half a file."""
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
 
 
-def load_or_train_tokenizer(train_docs: list[Document], vocab_size: int, cache_dir: str | Path) -> Tokenizer:
+def _cache(path: Path, content: bytes, new_files: dict[Path, bytes] | None) -> None:
+    """Write a new cache entry now, or hold it in `new_files` for the caller to write (write_files)."""
+    if new_files is None:
+        write_files({path: content})
+    else:
+        new_files[path] = content
+
+
+def load_or_train_tokenizer(
+    train_docs: list[Document], vocab_size: int, cache_dir: str | Path, new_files: dict[Path, bytes] | None = None
+) -> Tokenizer:
     """The BPE tokenizer of `train_docs`, cached as `tokenizer-<key>.json`, key = hash(training manifest, vocab)."""
     if vocab_size < 258:
         raise DataError(f"vocab_size {vocab_size} < 258 (256 bytes + 2 special tokens); raise --model.vocab_size")
@@ -196,9 +238,8 @@ def load_or_train_tokenizer(train_docs: list[Document], vocab_size: int, cache_d
     if path.exists():
         tokenizer = Tokenizer.from_file(str(path))
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = _train_tokenizer(train_docs, vocab_size)
-        _write_atomically(path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
+        _cache(path, tokenizer.to_str().encode("utf-8"), new_files)
     # A literal "<|endoftext|>" inside a document is text, not a separator (this setting is not saved in the JSON).
     tokenizer.encode_special_tokens = True
     return tokenizer
@@ -212,15 +253,21 @@ def encode_documents(docs: list[Document], tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate([np.array(e.ids + [eot], dtype) for e in encodings])  # (N,)
 
 
-def load_or_tokenize(docs: list[Document], tokenizer: Tokenizer, cache_dir: str | Path, name: str) -> np.ndarray:
-    """The token stream of `docs` (N,), cached as `tokens-<name>-<key>.npy` and returned memory-mapped."""
+def load_or_tokenize(
+    docs: list[Document], tokenizer: Tokenizer, cache_dir: str | Path, name: str,
+    new_files: dict[Path, bytes] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The token stream of `docs` (N,), cached as `tokens-<name>-<key>.npy`: memory-mapped when read from the cache,
+    in memory when just encoded."""
     key_text = manifest(docs)["sha256"] + hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
     path = Path(cache_dir) / f"tokens-{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}.npy"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = encode_documents(docs, tokenizer)  # (N,)
-        _write_atomically(path, lambda f: np.save(f, tokens))
-    return np.load(path, mmap_mode="r")  # (N,)
+    if path.exists():
+        return np.load(path, mmap_mode="r")  # (N,)
+    tokens = encode_documents(docs, tokenizer)  # (N,)
+    npy = io.BytesIO()
+    np.save(npy, tokens)
+    _cache(path, npy.getvalue(), new_files)
+    return tokens
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:

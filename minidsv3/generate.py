@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,8 @@ from tokenizers import Tokenizer
 
 from minidsv3 import checkpoint, config
 from minidsv3.mla import init_cache
-from minidsv3.model import Transformer, with_config
+from minidsv3.model import Transformer
+from minidsv3.run import load_run
 
 
 def pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -57,6 +58,36 @@ class Generation:
     prefill_s: float  # the prompt's one forward pass
     compile_s: float  # 0 when the compiled functions came from the cache of an earlier call
     drafts_accepted: float | None = None  # speculative decoding: share of MTP drafts the main model confirmed
+
+
+class GenerationError(ValueError):
+    """A request `run` cannot serve (an empty or too long prompt, an option out of range); the message says which."""
+
+
+def check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
+    """Raise GenerationError naming the first option out of range (the checks that need no model or prompt)."""
+    allowed = [
+        (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+        (math.isfinite(temperature) and temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+        (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+        (0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}"),  # False for NaN too
+        (0 <= seed < 2**32, f"seed must be in [0, 2**32), got {seed}"),
+    ]
+    for ok, message in allowed:
+        if not ok:
+            raise GenerationError(message)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; text that is not valid Unicode (a lone surrogate from undecodable bytes on the command
+    line) is a GenerationError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(
+            f"the prompt is not valid text (character {e.start} is {prompt[e.start]!r}); pass UTF-8 text"
+        ) from None
+    return tokenizer.encode(prompt).ids
 
 
 def bucket(n: int, minimum: int = 64) -> int:
@@ -174,16 +205,19 @@ def run(
     options), so a second call of similar size compiles nothing. `speculative=True` drafts every other token with
     the first MTP module (greedy only; the output is the same as without it).
     """
+    check_options(max_new_tokens, temperature, top_k, top_p, seed)
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise GenerationError("the prompt is empty; give at least one token")
     if speculative and (temperature > 0 or len(model.mtp) == 0):
-        raise ValueError("speculative decoding needs greedy sampling (temperature 0) and a model with an MTP module")
+        raise GenerationError(
+            "speculative decoding needs greedy sampling (temperature 0) and a model with an MTP module"
+        )
     need = len(prompt) + max_new_tokens + 1  # +1: a speculative round may write one position past the last token
-    if need - 1 > model.cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt + max_new_tokens = {need - 1} exceeds max_position_embeddings ({model.cfg.max_position_embeddings})"
+    limit = model.cfg.max_position_embeddings
+    if need - 1 > limit:
+        raise GenerationError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {need - 1} exceeds the model's"
+            f" max_position_embeddings ({limit}); ask for at most {limit - len(prompt)} new tokens or shorten the prompt"
         )
     graphdef, state = nnx.split(model)
     p_len, cache_len, out_len = bucket(len(prompt)), bucket(need), bucket(max_new_tokens)
@@ -221,25 +255,13 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwarg
 
 def sample_text(model: Transformer, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
     """The prompt followed by its continuation, decoded to text (stops at <|endoftext|>)."""
-    ids = tokenizer.encode(prompt).ids
+    ids = encode_prompt(tokenizer, prompt)
     out, _ = generate(model, ids, stop_token=tokenizer.token_to_id("<|endoftext|>"), **kwargs)
     return prompt + tokenizer.decode(out)
 
 
-def load_run(run_dir: Path) -> tuple[Transformer, Tokenizer]:
-    """The model of a run's newest checkpoint (with the config of its last stage) and its tokenizer."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or checkpoint.latest_step(run_dir) is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no run with a checkpoint here; train one with `python train.py`")
-    cfg = config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-    meta = checkpoint.restore(run_dir, model, None)
-    model = with_config(model, config.from_dict({"model": meta["model_config"]}).model)  # YaRN after context ext.
-    return model, Tokenizer.from_str(meta["tokenizer"])
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minidsv3.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -249,21 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy only)")
     a = p.parse_args(argv)
+    # what the user can get wrong (options, run folder, prompt) fails here with one line; anything else is a bug
     try:
-        model, tokenizer = load_run(a.run_dir)
-        ids = tokenizer.encode(a.prompt).ids
+        check_options(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)  # before the slow loading
+        model, tokenizer, step = load_run(a.run_dir)
         g = run(
-            model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-            stop_token=tokenizer.token_to_id("<|endoftext|>"), speculative=a.speculative,
+            model, encode_prompt(tokenizer, a.prompt), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+            top_p=a.top_p, seed=a.seed, stop_token=tokenizer.token_to_id("<|endoftext|>"), speculative=a.speculative,
         )  # fmt: skip
-    except (checkpoint.CheckpointError, config.ConfigError, ValueError) as e:
+    except (checkpoint.CheckpointError, config.ConfigError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(a.prompt + tokenizer.decode(g.tokens))
     drafts = f", {100 * g.drafts_accepted:.0f} % of MTP drafts accepted" if g.drafts_accepted is not None else ""
     print(
-        f"\n[{len(g.tokens)} tokens at {g.tokens_per_s:.1f} tokens/s from the latent KV cache{drafts}; "
-        f"prefill {1e3 * g.prefill_s:.0f} ms, compilation {g.compile_s:.1f} s]",
+        f"\n[checkpoint of step {step}: {len(g.tokens)} tokens at {g.tokens_per_s:.1f} tokens/s from the latent KV"
+        f" cache{drafts}; prefill {1e3 * g.prefill_s:.0f} ms, compilation {g.compile_s:.1f} s]",
         file=sys.stderr,
     )
 

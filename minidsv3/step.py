@@ -2,7 +2,7 @@
 
 The learning rate, γ (bias update speed) and λ (MTP weight) are arguments of the step; their schedules live in
 schedules.py, evaluated by train.py from the tokens seen. The aux-loss-free bias update runs inside the step, after the
-optimizer update and outside autodiff.
+optimizer update and outside autodiff. A step whose loss or gradient is not finite is skipped whole, inside the step.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
 def train_step(
     model: Transformer, optimizer: nnx.Optimizer, micro_batches: dict, learning_rate, mtp_lambda, gamma
 ) -> dict:
-    """One optimizer step over a stack of micro-batches (arrays (micro, B, T)): the gradient of the step's loss, AdamW, then the
-    bias update. Each micro-batch contributes its share (`micro_batch_loss`); their gradients add up."""
+    """One optimizer step over a stack of micro-batches (arrays (micro, B, T)): the gradient of the step's loss, AdamW,
+    then the bias update. Each micro-batch contributes its share (`micro_batch_loss`); their gradients add up.
+
+    A step whose loss or gradient holds a NaN or an infinity changes nothing (`skipped` is True): parameters, AdamW
+    moments and count, and router biases stay bit for bit as they were, and train.py stops after a few in a row."""
     grad_fn = nnx.value_and_grad(micro_batch_loss, has_aux=True)
     n_micro = micro_batches["inputs"].shape[0]
     scored = micro_batches["loss_mask"].sum(axis=(1, 2))  # (micro,) scored tokens of each micro-batch
@@ -62,30 +65,47 @@ def train_step(
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         metrics.append(m)
     metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)  # (micro, ...)
-    optimizer.update(model, grads, learning_rate=learning_rate)
-    # Aux-loss-free balancing (report §2.1.2): the loads of the whole step, all micro-batches, padding excluded.
-    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + depths, E)
-    update_router_biases(model, loads, gamma)
     main, mtp = weights @ metrics["main_loss"], weights @ metrics["mtp_loss"]  # means over the step's scored tokens
     balance = metrics["balance_loss"].mean()  # mean over the step's sequences
+    total = main + mtp_lambda * mtp + balance  # what the gradient descends
+    grad_norm = optax.tree.norm(grads)  # NaN or inf exactly when some gradient is (or their squares overflow)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    # Aux-loss-free balancing (report §2.1.2): the loads of the whole step, all micro-batches, padding excluded.
+    loads = jnp.concatenate([metrics["expert_load"].sum(0), metrics["mtp_expert_load"].sum(0)])  # (L_moe + depths, E)
+    # NOTE: a guard of ours, not in the report. A cond rather than optax.apply_if_finite, which still counts the
+    # skipped step in AdamW's state and leaves the biases to move on the loads of a diverged forward pass.
+    nnx.cond(finite, apply_update, skip_update, model, optimizer, grads, loads, learning_rate, gamma)
     return {
         "main_loss": main,  # next-token cross-entropy, the number to compare across runs
-        "total_loss": main + mtp_lambda * mtp + balance,  # what the gradient descends
+        "total_loss": total,
         "mtp_loss": mtp,
         "balance_loss": balance,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "skipped": ~finite,  # the step changed nothing: its loss or a gradient was not finite
         "expert_load": metrics["expert_load"].sum(0),  # (L_moe, E)
         "maxvio_batch": moe.max_violation(metrics["expert_load"].sum(0)).mean(),  # [LF] Eq. 4 on this step's loads
     }
 
 
+def apply_update(model, optimizer, grads, loads, learning_rate, gamma) -> None:
+    """AdamW on the parameters, then the router biases from the step's loads (L_moe + depths, E), outside autodiff."""
+    optimizer.update(model, grads, learning_rate=learning_rate)
+    update_router_biases(model, loads, gamma)
+
+
+def skip_update(model, optimizer, grads, loads, learning_rate, gamma) -> None:
+    """A non-finite step: nothing moves."""
+
+
 def micro_batch_loss(model: Transformer, batch: dict, mtp_lambda, weight, n_micro: int) -> tuple[jax.Array, dict]:
-    """One micro-batch's part of the step's loss: weight·(L_main + λ·L_MTP) + L_Bal/n_micro (Eqs. 17, 25); and its metrics.
+    """One micro-batch's part of the step's loss: weight·(L_main + λ·L_MTP) + L_Bal/n_micro (Eqs. 17, 25), and its
+    metrics.
 
     L_main and L_MTP are means over the micro-batch's scored tokens (loss_mask; Eq. 24's 1/T counts the same tokens).
     Weighted by its share of the step's scored tokens, they add up over the step to the mean over all of them: the
     step's loss is (sum of NLL over every scored token of the step) / (their count), whether the step arrives in one
-    batch or in n_micro. Without the weights, an SFT micro-batch of a few short responses would count as much as a full one.
+    batch or in n_micro. Without the weights, an SFT micro-batch of a few short responses would count as much as a full
+    one.
     L_Bal is a mean over sequences (Eq. 17), and every micro-batch holds B of them, so a plain mean over the
     micro-batches is the mean over the step's sequences: a sequence is routed whole, whatever it scores.
     """

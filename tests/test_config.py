@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from minidsv3 import config
+from minidsv3 import config, fp8
 from minidsv3.config import ConfigError, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,15 @@ def test_an_int_is_accepted_where_a_float_is_expected_but_not_the_reverse():
         ("--train.batch_ramp_start=16", "train.batch_ramp_start"),  # a ramp start needs the ramp's length in tokens
         ("--train.batch_ramp_tokens=1000", "train.batch_ramp_start"),  # ... and the reverse
         ("--train.final_fraction=0.5", "train.final_fraction"),  # longer than the tail it ends (0.05)
+        ("--train.seed=-1", "train.seed"),  # numpy's generators refuse negative seeds
+        ("--train.pretrain_steps=99999999999999999999", "train.pretrain_steps"),  # beyond 64 bits
+        ('--data.path="a\\u0000b"', "data.path"),  # a NUL character: no file system takes it
+        # across sections (config_checks.validate_run): the defaults have max_position_embeddings 4096 and seq_len 128
+        ("--data.seq_len=5000", "data.seq_len"),
+        ("--train.context_yarn_factor=40", "train.context_yarn_factor"),  # 128 x 40 = 5120 positions
+        ("--train.sample_tokens=4093", "train.sample_tokens"),  # 4093 + the prompt's up to 4 tokens > 4096
+        ("--model.vocab_size=257", "model.vocab_size"),  # the byte-level BPE needs 256 bytes + 2 special tokens
+        ("--model.fp8_promotion_interval=48", "model.fp8_promotion_interval"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_message_naming_the_field(override, field):
@@ -94,6 +103,51 @@ def test_malformed_toml_and_missing_files_are_config_errors(tmp_path):
         config.load(bad)
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is not a file"):
+        config.load(tmp_path)
+    bad.write_bytes("[model]\nhidden_size = 3  # 3 × 1\n".encode("utf-16"))  # TOML is UTF-8 by definition
+    with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte offset 0\); save the config as UTF-8"):
+        config.load(bad)
+
+
+def test_the_context_extension_length_must_fit_only_when_the_stage_runs():
+    stretched = ["--data.seq_len=1024", "--train.context_yarn_factor=4"]  # 4096 positions: exactly the default limit
+    assert config.load(None, stretched).train.context_yarn_factor == 4
+    with pytest.raises(ConfigError, match=r"stretches data.seq_len to 1024 x 5.0 = 5120 positions.* must be <= 4, "):
+        config.load(None, [stretched[0], "--train.context_yarn_factor=5"])
+    assert config.load(None, ["--train.context_yarn_factor=40", "--train.context_steps=0"]).train.context_steps == 0
+
+
+def test_config_accepts_exactly_the_promotion_intervals_the_fp8_accumulator_can_run():
+    chunk, last = fp8.jnp.arange(8), fp8.jnp.arange(8) == 7
+    for interval in (16, 32, 48, 64, 96, 100, 128, 256):
+        try:
+            fp8._promotion_flags(chunk, last, interval, fp8.MMA_K)
+            runs = True
+        except ValueError:
+            runs = False
+        try:
+            config.load(None, [f"--model.fp8_promotion_interval={interval}"])
+            accepted = True
+        except ConfigError:
+            accepted = False
+        assert accepted == runs, interval
+
+
+def test_a_run_is_defined_by_what_it_trains_not_where_its_folder_corpus_or_caches_live():
+    here = config.to_dict(config.load(None, ["--train.out_dir=runs/a", "--data.path=corpus"]))
+    moved = ["--train.out_dir=/elsewhere/b", "--data.path=/mnt/corpus", "--data.cache_dir=/tmp/c"]
+    there = config.to_dict(config.load(None, [*moved, "--train.stop_after_steps=7"]))
+    assert config.run_defining(here) == config.run_defining(there)
+    for changed in ("--data.seq_len=64", "--data.split_seed=1", "--train.eval_every=5", "--model.fp8=true"):
+        other = config.to_dict(config.load(None, ["--train.out_dir=runs/a", "--data.path=corpus", changed]))
+        assert config.run_defining(here) != config.run_defining(other), changed
+
+
+def test_a_saved_model_table_alone_is_a_valid_config_whatever_its_positions():
+    # the checks across sections belong to a run's config (config.load); a checkpoint's [model] table stands alone
+    small = config.to_dict(ModelConfig(max_position_embeddings=32))  # below the default seq_len of 128
+    assert config.from_dict({"model": small}).model.max_position_embeddings == 32
 
 
 def test_override_syntax_errors_say_how_to_write_one():

@@ -5,6 +5,7 @@ Every corpus here is built in tmp_path or in memory; the stdlib is only listed, 
 """
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,25 @@ def test_a_folder_corpus_is_read_recursively_in_sorted_order_without_hidden_file
     assert docs == [Document("b.txt", "beta\n"), Document("sub/a.txt", "alpha é\n"), Document("z.txt", "zeta\n")]
 
 
+def test_files_that_cannot_be_read_as_utf8_text_are_skipped_with_a_warning_naming_each(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # a dangling link
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff")  # byte 0: 0x89 never starts a UTF-8 character
+    (tmp_path / "linked.txt").symlink_to(tmp_path / "a.txt")  # a link to a file is followed
+    os.mkfifo(tmp_path / "pipe")  # reading it would wait forever for a writer
+    docs = data.load_documents(str(tmp_path))
+    assert docs == [Document("a.txt", "alpha\n"), Document("linked.txt", "alpha\n")]
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        f"warning: skipped {tmp_path / name}: {why}"
+        for name, why in [
+            ("gone.txt", "a dangling link; point at UTF-8 text files (or remove it)"),
+            ("image.png", "not valid UTF-8 at byte offset 0; convert the file to UTF-8 text or remove it"),
+            ("pipe", "not a regular file; point at UTF-8 text files (or remove it)"),
+        ]
+    ]
+
+
 def test_the_manifest_counts_files_and_utf8_bytes_and_its_hash_sees_every_name_and_text():
     docs = [Document("a", "é"), Document("b", "xy")]
     m = data.manifest(docs)
@@ -75,8 +95,11 @@ def make_bad_corpus(kind: str, root: Path) -> Path:
         (root / "e.txt").write_text("")
         return root / "e.txt"
     elif kind == "not UTF-8":
-        (root / "ok.txt").write_text("fine\n")
         (root / "bin.dat").write_bytes(b"abc\xff\xfe")  # 0xff can never occur in UTF-8
+        return root / "bin.dat"
+    elif kind == "nothing usable":
+        (root / "bin.dat").write_bytes(b"abc\xff\xfe")
+        (root / "e.txt").write_text("")
     return root / "missing" if kind == "missing path" else root
 
 
@@ -86,9 +109,10 @@ def make_bad_corpus(kind: str, root: Path) -> Path:
         ("missing path", ["missing: no such file or folder"]),
         ("empty folder", ["has no files"]),
         ("only hidden files", ["has no files"]),
-        ("all files empty", ["all 2 files are empty"]),
+        ("all files empty", ["none of its 2 files has text: all empty"]),
         ("empty file", ["e.txt: the file is empty"]),
-        ("not UTF-8", ["bin.dat: not valid UTF-8 at byte offset 3", "corpus must be UTF-8"]),
+        ("not UTF-8", ["bin.dat: not valid UTF-8 at byte offset 3", "convert the file to UTF-8"]),  # one file: refused
+        ("nothing usable", ["none of its 2 files has text: 1 skipped (see the warnings above), the rest empty"]),
     ],
 )
 def test_bad_corpora_raise_a_data_error_naming_the_problem(tmp_path, kind, words):

@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from minidsv3.generate import bucket, generate, pick, run
+from minidsv3.generate import GenerationError, bucket, generate, pick, run
 from minidsv3.model import Transformer
 
 
@@ -81,3 +82,16 @@ def test_sampling_is_reproducible_from_the_seed_and_differs_across_seeds(cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     a, b, c = (run(model, [3], 16, temperature=1.5, seed=s).tokens for s in (0, 0, 1))
     assert a == b and a != c
+
+
+def test_run_refuses_sampling_options_out_of_range_instead_of_sampling_garbage(cfg):
+    # top_p = 0 would mask every token (all logits -inf) and a negative temperature would silently mean greedy
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # no weights: every check comes first
+    for options, message in [
+        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"), ({"top_k": -1}, "top_k"), ({"seed": -1}, "seed"),
+    ]:  # fmt: skip
+        with pytest.raises(GenerationError, match=message):
+            run(model, [1, 2], 4, **options)
+    with pytest.raises(GenerationError, match="max_position_embeddings"):
+        run(model, [1, 2], cfg.max_position_embeddings)

@@ -66,6 +66,30 @@ def test_with_gamma_zero_the_biases_stay_put_but_the_parameters_move(cfg):
     assert not np.allclose(model.layers[1].mlp.gate.weight[...], w0)
 
 
+def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing_and_the_next_finite_step_updates(cfg):
+    cfg = dataclasses.replace(cfg, num_hidden_layers=2)  # a dense layer, a MoE layer and the MTP module's
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(model, TRAIN)
+    micro = stacked(batch(cfg))
+
+    def snapshot():  # parameters, router biases, AdamW moments and count, copied to the host
+        return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state((model, optimizer))))
+
+    assert not train_step(model, optimizer, micro, LR, 0.3, 0.01)["skipped"]  # moments, count and biases move off 0
+    before = snapshot()
+    # λ = NaN: the step's loss is NaN, and so is the gradient of every weight the MTP loss reaches
+    out = train_step(model, optimizer, micro, LR, float("nan"), 0.01)
+    assert out["skipped"] and np.isnan(out["total_loss"])
+    jax.tree.map(np.testing.assert_array_equal, snapshot(), before)  # bit for bit, biases and AdamW count included
+    assert not train_step(model, optimizer, micro, LR, 0.3, 0.01)["skipped"]
+    after = snapshot()
+    assert {int(c) for c in jax.tree.leaves(after) if np.ndim(c) == 0} == {2}  # AdamW's step count: 2, not 3
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after, before))
+    assert np.mean(moved) > 0.9  # the finite step moved (nearly) every array again
+    biases = [np.asarray(r.e_score_correction_bias[...]) for r in routers(model)]
+    assert all(np.abs(bias).max() > 0 for bias in biases)
+
+
 def test_the_step_descends_the_mean_over_all_its_scored_tokens_however_they_are_split_into_micro_batches(cfg):
     # With SGD at learning rate 1, a step moves every parameter by exactly the gradient it applied. Micro-batch a
     # scores 3 tokens (an SFT batch of short responses), b scores all 2 x 16 = 32: the step must apply the gradient of

@@ -1,6 +1,12 @@
-"""train.py end to end, as a user runs it: exact resume across stages, the ledger, Ctrl-C, and bad input."""
+"""train.py end to end, as a user runs it: exact resume across stages (in a moved folder), the ledger, Ctrl-C, and
+bad input: what a run folder accepts, and one-line refusals that leave every file as it was.
+
+The refusals run train.py in this process (runpy), which saves the ~4 s of a fresh Python and JAX per case; a start
+that passes every check is stopped before its first step."""
 
 import json
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minidsv3 import checkpoint, config, flops
-from minidsv3.generate import load_run
+from minidsv3 import checkpoint, config, data, flops
 from minidsv3.model import Transformer
-from minidsv3.run import read_metrics
+from minidsv3.run import RunFolderError, check_corpus, check_run_folder, load_run, read_metrics
 from minidsv3.step import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,15 +76,22 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
     straight = train(*common, f"--train.out_dir={tmp_path / 'a'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     # stop inside pre-training (step 3 of 4), then inside context extension (step 5: across the stage boundary)
-    for stop in (3, 5, 0):
-        part = train(*common, f"--train.out_dir={tmp_path / 'b'}", f"--train.stop_after_steps={stop}", cwd=tmp_path)
+    first = train(*common, f"--train.out_dir={tmp_path / 'b0'}", "--train.stop_after_steps=3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # A run is what it trains, not where it lives: the stopped run and its corpus move, and the run continues
+    (tmp_path / "b0").rename(tmp_path / "b")
+    moved_corpus = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
+    for stop in (5, 0):
+        part = train(*TINY, f"--data.path={moved_corpus}", f"--train.out_dir={tmp_path / 'b'}",
+                     f"--train.stop_after_steps={stop}", cwd=tmp_path)  # fmt: skip
         assert part.returncode == 0, part.stderr[-2000:]
-    assert "resumed from checkpoint at step 5" in part.stdout
+        assert f"resumed from checkpoint at step {3 if stop else 5}" in part.stdout
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["path"] == str(moved_corpus)
 
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     assert [r[0] for r in a] == list(range(1, 9)) and a == b  # every loss and router bias, exactly
-    model_a, _ = load_run(tmp_path / "a")
-    model_b, _ = load_run(tmp_path / "b")
+    model_a, _, _ = load_run(tmp_path / "a")
+    model_b, _, _ = load_run(tmp_path / "b")
     jax.tree.map(
         np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model_a)), nnx.to_pure_dict(nnx.state(model_b))
     )
@@ -133,65 +145,173 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_130_in_the_middle_of_the_batch
     assert meta["step"] == steps_done and meta["ledger"]["stages"]["pretrain"]["tokens"] == sum(tokens)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, every file as it was
+
+
+class Accepted(Exception):
+    """Raised where train.py opens metrics.jsonl to train: every input was checked, the run folder opened, the model
+    built and any checkpoint restored."""
+
+
+def train_here(args: list, monkeypatch, capsys) -> tuple[int | None, list[str]]:
+    """Run train.py in this process with `args`; (exit code, stderr lines without warnings), or (None, ...) when it
+    got past every check."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
+
+    def stop(*args, **kwargs):
+        raise Accepted
+
+    monkeypatch.setattr("minidsv3.run.open_metrics", stop)
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        code = "finished"
+    except SystemExit as e:
+        code = e.code
+    except Accepted:
+        code = None
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    return code, lines
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under `root` and, for files, its bytes: equal snapshots mean nothing was made, changed or removed."""
+    return {p: p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> Path:
+    """A run folder as train.py leaves it after a checkpoint at step 2: config.json, manifest.json, checkpoints/2."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    cfg = config.load(ROOT / "configs/tiny.toml", [*TINY, f"--data.path={corpus}", f"--train.out_dir={run}"])
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    (run / "manifest.json").write_text(json.dumps(data.manifest(data.load_documents(str(corpus))), indent=2))
+    net = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    checkpoint.save(run, 2, net, make_optimizer(net, cfg.train), {"step": 2}, keep=2)
+    return run
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("missing_path", "no such file or folder"),
         ("empty_folder", "has no files"),
-        ("empty_file", "files are empty"),
+        ("empty_file", "files has text: all empty"),
+        ("no_usable_file", "files has text: 2 skipped"),  # a dangling link and a binary file, each with a warning
         ("too_short", "fewer than one sequence"),
-        ("not_utf8", "UTF-8"),
-        ("unwritable_run_folder", "not writable"),
-        ("different_config", "different config"),
+        ("not_utf8_file", "not valid UTF-8"),  # a single-file corpus is all or nothing
+        ("unwritable_run_folder", "is not a folder"),
+        ("different_config", "different config (model.hidden_size: 32 in config.json, 48 now)"),
+        ("edited_corpus", "the corpus (--data.path) has changed since this run began"),
         ("bad_override", "model.hidden_size"),
+        ("seq_len_beyond_positions", "data.seq_len: must be <= model.max_position_embeddings (12), got 16"),
+        ("context_beyond_positions", "train.context_yarn_factor: stretches data.seq_len to 16 x 2.0 = 32 positions"),
+        ("promotion_interval", "model.fp8_promotion_interval: must be a multiple of 32"),
+        ("config_not_utf8", "bad.toml: not UTF-8 text (byte offset 13)"),
+        ("config_not_toml", "bad.toml: not valid TOML"),
         ("corrupt_checkpoint", "unreadable"),
     ],
 )
-def test_bad_input_gets_a_one_line_error_a_nonzero_exit_and_overwrites_nothing(tmp_path, corpus, case, message):
-    run = tmp_path / "run"
-    data = tmp_path / "data"
-    extra = []
+def test_bad_input_gets_a_one_line_error_exit_2_and_leaves_every_file_as_it_was(
+    tmp_path, corpus, trained, monkeypatch, capsys, case, message
+):
+    run, data_path, config_path, extra = tmp_path / "run", tmp_path / "data", ROOT / "configs/tiny.toml", []
     if case == "missing_path":
-        data = tmp_path / "nowhere"
+        data_path = tmp_path / "nowhere"
     elif case == "empty_folder":
-        data.mkdir()
+        data_path.mkdir()
     elif case == "empty_file":
-        data.mkdir()
-        (data / "a.txt").write_text("")
+        data_path.mkdir()
+        (data_path / "a.txt").write_text("")
+    elif case == "no_usable_file":
+        data_path.mkdir()
+        (data_path / "gone.py").symlink_to(tmp_path / "deleted.py")
+        (data_path / "image.bin").write_bytes(b"abc\xff\xfe")
     elif case == "too_short":
-        data.mkdir()
-        (data / "a.py").write_text('def f():\n    """A."""\n    return 1\n')  # one SFT pair each, a few tokens
-        (data / "b.py").write_text('def g():\n    """B."""\n    return 2\n')
-    elif case == "not_utf8":
-        write_corpus(data, files=2)
-        (data / "bad.txt").write_bytes(b"abc\xff\xfe")
+        data_path.mkdir()
+        (data_path / "a.py").write_text('def f():\n    """A."""\n    return 1\n')  # one SFT pair each, a few tokens
+        (data_path / "b.py").write_text('def g():\n    """B."""\n    return 2\n')
+    elif case == "not_utf8_file":
+        data_path = tmp_path / "bad.txt"
+        data_path.write_bytes(b"abc\xff\xfe")
     elif case == "unwritable_run_folder":
         (tmp_path / "a_file").write_text("keep me")
         run = tmp_path / "a_file" / "run"  # a folder cannot be made inside a file
-        data = corpus
-    elif case == "different_config":
-        run.mkdir()
-        (run / "config.json").write_text('{"model": {"hidden_size": 64}, "data": {}, "train": {}}')
-        data = corpus
+    elif case in ("different_config", "edited_corpus", "corrupt_checkpoint"):
+        run = shutil.copytree(trained, tmp_path / "run")
+        data_path = shutil.copytree(corpus, tmp_path / "data")
+        if case == "different_config":
+            extra = ["--model.hidden_size=48"]
+        elif case == "edited_corpus":
+            (data_path / "module_0.py").write_text((data_path / "module_0.py").read_text() + "x = 1\n")
+        else:
+            for f in (run / "checkpoints" / "2").rglob("*"):
+                if f.is_file() and f.suffix != ".json" and "metadata" not in f.name:
+                    f.write_bytes(b"garbage")
     elif case == "bad_override":
         extra = ["--model.hidden_size=-3"]
-        data = corpus
-    elif case == "corrupt_checkpoint":  # the run's config and a checkpoint as train.py saves them, then garbage
-        data = corpus
-        cfg = config.load(ROOT / "configs/tiny.toml", [*TINY, f"--data.path={corpus}", f"--train.out_dir={run}"])
-        run.mkdir()
-        (run / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
-        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-        checkpoint.save(run, 2, model, make_optimizer(model, cfg.train), {"step": 2}, keep=2)
-        for f in (run / "checkpoints" / "2").rglob("*"):
-            if f.is_file() and f.suffix != ".json" and "metadata" not in f.name:
-                f.write_bytes(b"garbage")
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
-    result = train(*TINY, f"--data.path={data}", f"--train.out_dir={run}", *extra, cwd=tmp_path)
-    assert result.returncode != 0
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    elif case == "seq_len_beyond_positions":
+        extra = ["--model.max_position_embeddings=12"]  # TINY's seq_len is 16
+    elif case == "context_beyond_positions":
+        extra = ["--model.max_position_embeddings=20"]  # 16 fits, 16 x 2 does not
+    elif case == "promotion_interval":
+        extra = ["--model.fp8=true", "--model.fp8_promotion_interval=48"]
+    elif case in ("config_not_utf8", "config_not_toml"):
+        config_path = tmp_path / "bad.toml"
+        text = b"[model]\n# caf\xe9 in Latin-1\n" if case == "config_not_utf8" else b"[model\nhidden_size = 3\n"
+        config_path.write_bytes(text)
+    if data_path == tmp_path / "data" and not data_path.exists():
+        data_path = corpus
+    before = snapshot(tmp_path)
+    args = [config_path, *TINY, f"--data.path={data_path}", f"--train.out_dir={run}", *extra]
+    code, lines = train_here(args, monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
     assert message in lines[0], lines[0]
-    for path, content in before.items():
-        if path.exists() and path.name != "metrics.jsonl":
-            assert path.read_bytes() == content, f"{path} was changed"
+    after = snapshot(tmp_path)
+    assert after == before  # the refused start wrote nothing, the checkpoint case included
+
+
+def test_a_run_folder_and_its_corpus_moved_elsewhere_still_hold_the_same_run(tmp_path, corpus, trained):
+    # the checks train.py makes before it resumes (the slow test above resumes a moved folder end to end)
+    moved_run = shutil.copytree(trained, tmp_path / "renamed" / "run")
+    moved_corpus = shutil.copytree(corpus, tmp_path / "mnt" / "corpus")
+    args = [*TINY, f"--data.path={moved_corpus}", f"--train.out_dir={moved_run}", f"--data.cache_dir={tmp_path}"]
+    resolved = config.to_dict(config.load(ROOT / "configs/tiny.toml", args))
+    assert check_run_folder(str(moved_run), resolved) == moved_run
+    check_corpus(moved_run, data.manifest(data.load_documents(str(moved_corpus))))
+
+
+def test_a_refusal_is_one_line_on_stderr_and_exit_2_from_a_real_process_too(tmp_path, corpus):
+    result = train(*TINY, f"--data.path={corpus}", f"--train.out_dir={tmp_path / 'run'}", "--data.seq_len=5000",
+                   cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr == "error: data.seq_len: must be <= model.max_position_embeddings (4096), got 5000\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_left_by_a_failed_start_accepts_the_corrected_command(tmp_path, corpus, monkeypatch, capsys):
+    run = tmp_path / "run"
+    good = [*TINY, f"--data.path={corpus}", f"--train.out_dir={run}"]
+    assert train_here([*good, "--data.seq_len=5000"], monkeypatch, capsys)[0] == 2
+    assert not run.exists()  # a refused start writes nothing
+    # what a start that failed later (out of memory, say, before its first checkpoint) leaves: another config, another
+    # corpus, a few metrics; nothing to continue
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict(config.load(None, ["--model.hidden_size=64"]))))
+    (run / "manifest.json").write_text('{"files": 1, "bytes": 5, "sha256": "0"}')
+    (run / "metrics.jsonl").write_text('{"step": 1, "main_loss": 9.0}\n')
+    assert train_here(good, monkeypatch, capsys) == (None, [])
+    assert json.loads((run / "config.json").read_text()) == config.to_dict(
+        config.load(ROOT / "configs/tiny.toml", good)
+    )
+    assert json.loads((run / "manifest.json").read_text()) == data.manifest(data.load_documents(str(corpus)))
+    assert len(list((run / "cache").glob("tokens-*.npy"))) == 2  # the caches are written with the run folder
+
+
+def test_metrics_jsonl_cut_off_by_a_kill_loses_only_its_unfinished_line_and_a_garbled_line_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "main_lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl: line 2 is not JSON; delete that line"):
+        read_metrics(tmp_path)
