@@ -148,8 +148,8 @@ def step_record(
     load = np.asarray(out["expert_load"])  # (L_moe, E)
     losses = {k: float(out[k]) for k in ("main_loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm")}
     return {
-        "step": step, "stage": stage, **losses, "skipped": bool(out["skipped"]),  # a non-finite step, not applied "lr": lr, "gamma": gamma, "mtp_lambda": mtp_lambda, "tokens": tokens,
-        "seconds": seconds,
+        "step": step, "stage": stage, **losses, "lr": lr, "gamma": gamma, "mtp_lambda": mtp_lambda, "tokens": tokens,
+        "seconds": seconds, "skipped": bool(out["skipped"]),  # skipped: a non-finite step, not applied
         "maxvio_batch": float(out["maxvio_batch"]) if load.size else None,  # None: no MoE layer routes anything
         "expert_load": load.tolist(),
         "router_bias": [np.asarray(r.e_score_correction_bias[...]).round(5).tolist() for r in routers(model)],
