@@ -1,5 +1,8 @@
 """The one small config every module test builds on: tiny.toml's shape, shrunk so each test takes seconds."""
 
+import json
+
+import numpy as np
 import pytest
 
 from minidsv3.config import ModelConfig
@@ -30,3 +33,24 @@ SMALL = ModelConfig(
 @pytest.fixture
 def cfg() -> ModelConfig:
     return SMALL
+
+
+@pytest.fixture
+def check_resume():
+    """check(make, tokens_per_batch): a loader `make(seed)` saved after 5 batches (its state through JSON, as in a
+    checkpoint's meta) and restored into one built with another seed delivers the same next 4 batches."""
+
+    def check(make, tokens_per_batch: int) -> None:
+        original = make(seed=5)
+        for _ in range(5):
+            original.next_batch()
+        saved = json.loads(json.dumps(original.state_dict()))
+        restored = make(seed=123)
+        restored.load_state_dict(saved)
+        assert restored.tokens_delivered == original.tokens_delivered == 5 * tokens_per_batch
+        for _ in range(4):
+            expected, got = original.next_batch(), restored.next_batch()
+            for key in expected:
+                np.testing.assert_array_equal(expected[key], got[key])
+
+    return check

@@ -1,8 +1,6 @@
 """SFT pairs and batches (minidsv3/sft.py): pairs mined from Python source or read from JSONL, loss on response tokens
 only (report §5.1), and batches that resume exactly."""
 
-import json
-
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -106,24 +104,14 @@ def test_sft_pairs_whose_prompt_fills_the_window_are_dropped():
         sft.SFTBatches([("p1 p2 p3", "r1")], tokenizer, seq_len=2, batch_size=1, seed=0)
 
 
-def test_restoring_the_saved_state_reproduces_the_next_batches():
+def test_restoring_the_saved_state_reproduces_the_next_batches(check_resume):
     pairs = [(f"p{i}", f"r{i} r{i}") for i in range(7)]
     tokenizer = word_tokenizer([f"p{i}" for i in range(7)] + [f"r{i}" for i in range(7)])
 
     def make(seed):
         return sft.SFTBatches(pairs, tokenizer, seq_len=4, batch_size=3, seed=seed)
 
-    original = make(seed=5)
-    for _ in range(5):  # 15 rows from 7 pairs: the saved position is inside the third epoch
-        original.next_batch()
-    saved = json.loads(json.dumps(original.state_dict()))  # as it travels in the checkpoint's JSON meta
-    restored = make(seed=123)
-    restored.load_state_dict(saved)
-    assert restored.tokens_delivered == original.tokens_delivered == 5 * 3 * 4
-    for _ in range(4):
-        expected, got = original.next_batch(), restored.next_batch()
-        for key in expected:
-            np.testing.assert_array_equal(expected[key], got[key])
+    check_resume(make, tokens_per_batch=3 * 4)  # 15 rows from 7 pairs: the saved position is inside the third epoch
 
 
 def test_sft_pairs_split_deterministically_with_one_on_each_side():
