@@ -48,10 +48,7 @@ def check_run_folder(out_dir: str, resolved: dict) -> Path:
     if checkpoint.latest_step(run_dir) is None:  # nothing to continue
         return run_dir
     config_file = run_dir / "config.json"
-    try:
-        previous = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        previous = None
+    previous = _read_json(config_file)
     if not isinstance(previous, dict):
         raise RunFolderError(
             f"{config_file}: missing or not a config, next to checkpoints; restore it from that run, or choose another"
@@ -83,10 +80,7 @@ def check_corpus(run_dir: Path, corpus: dict) -> None:
     manifest_file = run_dir / "manifest.json"
     if checkpoint.latest_step(run_dir) is None or not manifest_file.is_file():
         return
-    try:
-        trained = json.loads(manifest_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        trained = None
+    trained = _read_json(manifest_file)
     if trained != corpus:
         was = f"{trained.get('files')} files, {trained.get('bytes')} bytes" if isinstance(trained, dict) else "?"
         raise RunFolderError(
@@ -94,6 +88,14 @@ def check_corpus(run_dir: Path, corpus: dict) -> None:
             f" {corpus['files']} files, {corpus['bytes']} bytes, another content hash); restore that corpus, or start"
             " a new run with another --train.out_dir"
         )
+
+
+def _read_json(path: Path) -> object:
+    """The JSON value in `path`, or None when it cannot be read or is not JSON (the caller names the file)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def open_run_folder(run_dir: Path, resolved: dict, corpus: dict) -> None:
@@ -189,7 +191,7 @@ def load_run(run_dir: str | Path) -> tuple[Transformer, Tokenizer, int]:
     and the step of that checkpoint (checkpoint.restore passes over damaged newer ones, naming each on stderr).
     Reads only; a missing or damaged file is a CheckpointError or ConfigError naming it."""
     run_dir = Path(run_dir)
-    _check_run_folder(run_dir)
+    _require_a_run(run_dir)
     cfg = _run_config(run_dir / "config.json")
     model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))  # shapes only: restore fills in values
     meta = checkpoint.restore(run_dir, model, None)
@@ -197,7 +199,7 @@ def load_run(run_dir: str | Path) -> tuple[Transformer, Tokenizer, int]:
     return model, Tokenizer.from_str(meta["tokenizer"]), meta["restored_step"]
 
 
-def _check_run_folder(run_dir: Path) -> None:
+def _require_a_run(run_dir: Path) -> None:
     """Refuse a folder without config.json or checkpoints (before Orbax would make a checkpoints/ folder in it)."""
     if not (run_dir / "config.json").is_file() or checkpoint.latest_step(run_dir) is None:
         raise checkpoint.CheckpointError(f"{run_dir}: no run with a checkpoint here; train one with `python train.py`")
