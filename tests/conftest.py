@@ -1,6 +1,7 @@
 """The one small config every module test builds on: tiny.toml's shape, shrunk so each test takes seconds."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -54,3 +55,12 @@ def check_resume():
                 np.testing.assert_array_equal(expected[key], got[key])
 
     return check
+
+
+@pytest.fixture(scope="session")
+def jax_cache_env(tmp_path_factory) -> dict:
+    """The environment for train.py subprocesses: every start after the first with the same shapes loads its compiled
+    steps from JAX's persistent compilation cache (a few seconds, not ~20 per start on 2 cores)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip

@@ -156,7 +156,7 @@ def start(args: list, cwd: Path, env: dict) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[list[str], dict]:
+def tiny_run(tmp_path_factory, jax_cache_env) -> tuple[list[str], dict]:
     """train.py's arguments for a tiny run, and an environment in which every start after the first loads the
     compiled steps from JAX's cache (seconds, not ~20)."""
     tmp = tmp_path_factory.mktemp("tiny_run")
@@ -165,8 +165,7 @@ def tiny_run(tmp_path_factory) -> tuple[list[str], dict]:
     args = [*TINY, "--model.num_nextn_predict_layers=0", "--train.pretrain_steps=100", "--train.context_steps=0",
             "--train.sft_steps=0", "--train.stop_after_steps=5", "--train.ckpt_every=1",
             f"--data.path={write_corpus(tmp / 'corpus', files=4)}", f"--data.cache_dir={tmp / 'cache'}"]  # fmt: skip
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp / "jax"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return args, {**os.environ, **cache, "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return args, jax_cache_env
 
 
 def signal_during_a_save(proc: subprocess.Popen, run: Path, signals: tuple, from_step: int) -> int:

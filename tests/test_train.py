@@ -5,6 +5,7 @@ The refusals run train.py in this process (runpy), which saves the ~4 s of a fre
 that passes every check is stopped before its first step."""
 
 import json
+import os
 import runpy
 import shutil
 import signal
@@ -49,10 +50,11 @@ def write_corpus(folder: Path, files: int = 6) -> Path:
     return folder
 
 
-def train(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def train(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -71,19 +73,21 @@ def train_records(run: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
+def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bit(tmp_path, corpus, jax_cache_env):
     common = [*TINY, f"--data.path={corpus}"]
-    straight = train(*common, f"--train.out_dir={tmp_path / 'a'}", cwd=tmp_path)
+    straight = train(*common, f"--train.out_dir={tmp_path / 'a'}", cwd=tmp_path, env=jax_cache_env)
     assert straight.returncode == 0, straight.stderr[-2000:]
     # stop inside pre-training (step 3 of 4), then inside context extension (step 5: across the stage boundary)
-    first = train(*common, f"--train.out_dir={tmp_path / 'b0'}", "--train.stop_after_steps=3", cwd=tmp_path)
+    first = train(
+        *common, f"--train.out_dir={tmp_path / 'b0'}", "--train.stop_after_steps=3", cwd=tmp_path, env=jax_cache_env
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     # A run is what it trains, not where it lives: the stopped run and its corpus move, and the run continues
     (tmp_path / "b0").rename(tmp_path / "b")
     moved_corpus = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
     for stop in (5, 0):
         part = train(*TINY, f"--data.path={moved_corpus}", f"--train.out_dir={tmp_path / 'b'}",
-                     f"--train.stop_after_steps={stop}", cwd=tmp_path)  # fmt: skip
+                     f"--train.stop_after_steps={stop}", cwd=tmp_path, env=jax_cache_env)  # fmt: skip
         assert part.returncode == 0, part.stderr[-2000:]
         assert f"resumed from checkpoint at step {3 if stop else 5}" in part.stdout
     assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["path"] == str(moved_corpus)
@@ -116,7 +120,7 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_130_in_the_middle_of_the_batch_ramp(tmp_path, corpus):
+def test_ctrl_c_saves_a_checkpoint_and_exits_with_130_in_the_middle_of_the_batch_ramp(tmp_path, corpus, jax_cache_env):
     # The batch ramp (report §4.2) from 1 to 2 micro-batches of 2 x 16 tokens over the first 32 tokens: the first
     # step holds 32 tokens, every later one 64 (a second compilation of the step, not one per step).
     run = tmp_path / "run"
@@ -124,8 +128,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_with_130_in_the_middle_of_the_batch
             "--train.batch_ramp_tokens=32"]  # fmt: skip
     args = [*TINY, *ramp, "--train.pretrain_steps=2000", f"--data.path={corpus}", f"--train.out_dir={run}"]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=jax_cache_env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
@@ -284,7 +288,7 @@ def test_a_run_folder_and_its_corpus_moved_elsewhere_still_hold_the_same_run(tmp
 
 def test_a_refusal_is_one_line_on_stderr_and_exit_2_from_a_real_process_too(tmp_path, corpus):
     result = train(*TINY, f"--data.path={corpus}", f"--train.out_dir={tmp_path / 'run'}", "--data.seq_len=5000",
-                   cwd=tmp_path)  # fmt: skip
+                   cwd=tmp_path, env=dict(os.environ))  # fmt: skip
     assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
     assert result.stderr == "error: data.seq_len: must be <= model.max_position_embeddings (4096), got 5000\n"
     assert list(tmp_path.iterdir()) == []
