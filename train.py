@@ -2,6 +2,7 @@
 
     python train.py                                   # configs/tiny.toml on the Python standard library's source
     python train.py configs/small.toml --train.pretrain_steps=2000 --data.path=my_corpus/
+    python train.py --train.init_from=hf/tiny --train.pretrain_steps=0 --train.out_dir=runs/ft  # fine-tune an export
 
 config -> data -> model and optimizer -> resume if the run folder has a checkpoint -> for each stage (pre-training,
 context extension, post-training): each step's batch size, learning rate, λ and γ from the tokens seen
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from minidsv3 import accounting, batches, checkpoint, config, data, flops, generate, plots, run, schedules, sft
+from minidsv3 import accounting, batches, checkpoint, config, data, flops, generate, hf, plots, run, schedules, sft
 from minidsv3.ledger import Ledger
 from minidsv3.model import Transformer, with_config
 from minidsv3.step import evaluate, make_optimizer, train_step
@@ -47,9 +48,15 @@ args = sys.argv[1:]
 config_path = args.pop(0) if args and not args[0].startswith("--") else Path(__file__).parent / "configs/tiny.toml"
 try:
     cfg = config.load(config_path, args)
+    if cfg.train.init_from:  # fine-tuning: the weights, architecture and tokenizer of a Hugging Face folder
+        init_model, init_tokenizer = hf.load(cfg.train.init_from)
+        cfg, changed = hf.with_architecture(cfg, init_model.cfg)
+        print(f"init from {cfg.train.init_from}" + (f"; [model] takes its {', '.join(changed)}" if changed else ""))
+        if init_tokenizer is None:
+            fail(f"train.init_from: {cfg.train.init_from} has no tokenizer.json; the run needs the model's tokenizer")
     resolved = config.to_dict(cfg)
     run_dir = run.check_run_folder(cfg.train.out_dir, resolved)  # holds no run or this one; reads only
-except (config.ConfigError, run.RunFolderError) as e:
+except (config.ConfigError, run.RunFolderError, hf.HFError) as e:
     fail(str(e))
 tc = cfg.train
 print(f"run folder {run_dir}")
@@ -66,7 +73,10 @@ try:
     cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else run_dir / "cache"
     new_cache_files = {}  # written with the run folder, below
     t0 = time.time()
-    tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir, new_cache_files)
+    if tc.init_from:
+        tokenizer = init_tokenizer
+    else:
+        tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir, new_cache_files)
     train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train", new_cache_files)
     val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val", new_cache_files)
 except (data.DataError, run.RunFolderError) as e:
@@ -121,7 +131,7 @@ total_steps = sum(st["steps"] for st in stages)
 # ---------------------------------------------------------------------------------------------------------------
 # Model and optimizer (AdamW, report §4.2), the batch-size ramp, then resume
 
-model = Transformer(cfg.model, rngs=nnx.Rngs(tc.seed))
+model = with_config(init_model, cfg.model) if tc.init_from else Transformer(cfg.model, rngs=nnx.Rngs(tc.seed))
 optimizer = make_optimizer(model, tc)
 ramp = schedules.BatchRamp(tc, cfg.data.seq_len)  # micro-batches per step, and pre-training tokens seen, by step
 if tc.batch_ramp_tokens:

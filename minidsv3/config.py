@@ -104,6 +104,9 @@ class TrainConfig:
 
     out_dir: str = "runs/tiny"
     seed: int = 0
+    # fine-tuning: a Hugging Face DeepSeek-V3 folder (minidsv3/hf.py) whose weights start a new run; its architecture
+    # replaces [model]'s (dtype and FP8 stay the run's) and its tokenizer the one trained on the corpus. "" = random
+    init_from: str = ""
     batch_size: int = 16  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (once the batch-size ramp is over)
     # batch-size ramp, report §4.2: 3,072 -> 15,360 sequences over the first 469B tokens (schedules.BatchRamp)
@@ -174,7 +177,7 @@ def from_dict(tables: dict) -> Config:
 # Fields that say where a run lives and how it is kept, not what it trains: a run folder may be moved or copied, its
 # corpus moved (manifest.json's hash checks the content) and its caches kept elsewhere, and a continuation may stop
 # elsewhere, keep more checkpoints or tolerate more non-finite steps. bench/train_once.py reuses a finished run on the
-# same terms.
+# same terms. train.init_from is not among them: the weights a run starts from are part of what it trains.
 NOT_RUN_DEFINING = {
     "data": ("path", "cache_dir"),
     "train": ("out_dir", "stop_after_steps", "keep_checkpoints", "max_skipped_steps"),

@@ -2,6 +2,7 @@
 
     python -m minidsv3.generate runs/tiny --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-p 0.95
     python -m minidsv3.generate runs/tiny --speculative       # greedy, drafting every other token with MTP
+    python -m minidsv3.generate hf/tiny                       # a Hugging Face DeepSeek-V3 folder (minidsv3/hf.py)
 
 The prompt is prefilled in one call; each new token then runs one position through every layer, attending to the
 cached normalized latents c^KV and roped shared keys k^R with the absorbed weights (MLA's inference path). The whole
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tokenizers import Tokenizer
 
-from minidsv3 import checkpoint, config
+from minidsv3 import checkpoint, config, hf
 from minidsv3.mla import init_cache
 from minidsv3.model import Transformer
 from minidsv3.run import load_run
@@ -274,18 +275,24 @@ def main(argv: list[str] | None = None) -> None:
     # what the user can get wrong (options, run folder, prompt) fails here with one line; anything else is a bug
     try:
         check_options(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)  # before the slow loading
-        model, tokenizer, step = load_run(a.run_dir)
+        if hf.is_hf_folder(a.run_dir):  # an export or a downloaded DeepSeek-V3 folder, read as it is
+            (model, tokenizer), source = hf.load(a.run_dir), "Hugging Face weights"
+            if tokenizer is None:
+                raise hf.HFError(f"{a.run_dir}: no tokenizer.json; generation needs the model's tokenizer")
+        else:
+            model, tokenizer, step = load_run(a.run_dir)
+            source = f"checkpoint of step {step}"
         g = run(
             model, encode_prompt(tokenizer, a.prompt), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
             top_p=a.top_p, seed=a.seed, stop_token=tokenizer.token_to_id("<|endoftext|>"), speculative=a.speculative,
         )  # fmt: skip
-    except (checkpoint.CheckpointError, config.ConfigError, GenerationError) as e:
+    except (checkpoint.CheckpointError, config.ConfigError, GenerationError, hf.HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(a.prompt + tokenizer.decode(g.tokens))
     drafts = f", {100 * g.drafts_accepted:.0f} % of MTP drafts accepted" if g.drafts_accepted is not None else ""
     print(
-        f"\n[checkpoint of step {step}: {len(g.tokens)} tokens at {g.tokens_per_s:.1f} tokens/s from the latent KV"
+        f"\n[{source}: {len(g.tokens)} tokens at {g.tokens_per_s:.1f} tokens/s from the latent KV"
         f" cache{drafts}; prefill {1e3 * g.prefill_s:.0f} ms, compilation {g.compile_s:.1f} s]",
         file=sys.stderr,
     )
