@@ -28,7 +28,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -69,7 +68,9 @@ def _manager(run_dir: Path, keep: int = 2, *, for_saving: bool = False) -> ocp.C
 
 
 def _abstract(tree: dict) -> dict:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and the shardings of the arrays to restore into: Orbax reads each device's part of each array
+    (minidsv3/sharding.py), so a checkpoint saved on one mesh shape restores onto another, or onto one device."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -133,7 +134,7 @@ def _non_finite(tree: dict) -> list[str]:
     return [
         jax.tree_util.keystr(path, simple=True, separator=".")
         for path, x in leaves
-        if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x)).all()
+        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all())  # on device: x may span hosts
     ]
 
 

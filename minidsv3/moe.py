@@ -40,7 +40,8 @@ Choices made here
 How it differs from production
 ------------------------------
 DeepSeek spreads 256 experts over 64 GPUs with expert parallelism, all-to-all dispatch over NVLink/InfiniBand and
-custom kernels (DeepEP, DeepGEMM); we run all experts on one device with two gathers and three batched matmuls. The
+custom kernels (DeepEP, DeepGEMM); we run the experts with two gathers and three batched matmuls, on one device or,
+on a mesh with an 'expert' axis, spread over it with fixed-size all-to-alls (minidsv3/expert_parallel.py). The
 report does not publish its training-time router code (the released one is inference-only, notes §2.2), so the bias
 update here is [LF]'s Algorithm 1 as the report describes it, with γ and its freeze schedule from TrainConfig.
 """
@@ -55,6 +56,7 @@ import numpy as np
 from einops import rearrange, repeat
 from flax import nnx
 
+from minidsv3 import expert_parallel
 from minidsv3.config import ModelConfig
 from minidsv3.dispatch import dispatch
 from minidsv3.layers import MLP, linear, normal_init, swiglu
@@ -82,7 +84,11 @@ class MoE(nnx.Module):
         cfg = self.cfg
         tokens = rearrange(x, "b t d -> (b t) d")  # (N, D)
         topk_idx, gates, scores = self.gate(tokens)  # (N, K), (N, K), (N, E)
-        y = dispatch(tokens, topk_idx, gates, self.experts, cfg)  # (N, D): experts_loop's sum, jitted
+        mesh = jax.sharding.get_abstract_mesh()  # the devices `jax.set_mesh` put in use (none: one device)
+        if expert_parallel.applies(mesh, tokens.shape[0]):  # experts split over the mesh: all-to-all exchange
+            y = expert_parallel.dispatch(tokens, topk_idx, gates, self.experts, cfg, mesh)  # (N, D)
+        else:
+            y = dispatch(tokens, topk_idx, gates, self.experts, cfg)  # (N, D): experts_loop's sum, jitted
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)  # (N, D) Eq. 12
         valid = jnp.ones((b, t), jnp.float32) if token_mask is None else (token_mask != 0).astype(jnp.float32)  # (B, T)
