@@ -7,6 +7,8 @@
 config -> data -> model and optimizer -> resume if the run folder has a checkpoint -> for each stage (pre-training,
 context extension, post-training): each step's batch size, learning rate, λ and γ from the tokens seen
 (minidsv3/schedules.py), nnx.jit train steps, evaluation, checkpoints -> plots, samples and the cost table.
+Post-training is SFT, then RL (minidsv3/rl.py): GRPO steps on a code task rewarded by executed tests, the task scored
+on held-out prompts before and after.
 Ctrl-C (or SIGTERM) saves a checkpoint and exits; running the same command again continues the run exactly.
 """
 
@@ -14,19 +16,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from minidsv3 import accounting, batches, checkpoint, config, data, flops, generate, hf, plots, run, schedules, sft
+from minidsv3 import (
+    accounting,
+    batches,
+    checkpoint,
+    config,
+    data,
+    flops,
+    generate,
+    hf,
+    plots,
+    rl,
+    run,
+    schedules,
+    sft,
+    sharding,
+    tasks,
+)
 from minidsv3.ledger import Ledger
 from minidsv3.model import Transformer, with_config
+from minidsv3.reward import Sandbox
 from minidsv3.step import evaluate, make_optimizer, train_step
 
 
@@ -36,9 +56,10 @@ def fail(message: str) -> None:
 
 
 def next_micro_batches(loader, n_micro: int) -> dict:
-    """A step's n_micro micro-batches from `loader`, stacked: inputs, targets, loss_mask, token_mask (micro, B, T)."""
+    """A step's n_micro micro-batches from `loader`, stacked: inputs, targets, loss_mask, token_mask (micro, B, T),
+    their B sequences split over the mesh (every process draws the same batch and places its own devices' rows)."""
     micro = [loader.next_batch() for _ in range(n_micro)]
-    return {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}  # (micro, B, T)
+    return sharding.put_batch(mesh, {k: np.stack([b[k] for b in micro]) for k in micro[0]}, batch_axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,6 +82,21 @@ except (config.ConfigError, run.RunFolderError, hf.HFError) as e:
 tc = cfg.train
 print(f"run folder {run_dir}")
 
+# Devices: with several hosts each process joins the others (jax.distributed), then the (data, expert) mesh that every
+# step runs on (minidsv3/sharding.py). Process 0 alone writes the run folder; checkpoints are written by all.
+try:
+    if cfg.mesh.num_processes > 1:  # coordinator "" = detected from the cluster's environment (SLURM, MPI, ...)
+        jax.distributed.initialize(cfg.mesh.coordinator_address or None, cfg.mesh.num_processes, cfg.mesh.process_id)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.expert, cfg.model.n_routed_experts)
+except sharding.ShardingError as e:
+    fail(str(e))
+except (RuntimeError, ValueError) as e:  # jax.distributed: no coordinator, a timeout, an unknown cluster
+    fail(f"mesh: jax.distributed.initialize failed ({str(e).splitlines()[0]}); check --mesh.coordinator_address")
+writer = jax.process_index() == 0
+if mesh.size > 1:
+    print(f"mesh: {cfg.mesh.data} (data) x {cfg.mesh.expert} (expert) devices of {jax.device_count()},"
+          f" {jax.process_count()} process(es)")  # fmt: skip
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: corpus -> split by files -> BPE tokenizer -> cached token arrays; SFT pairs from the same corpus.
 # Nothing is written until every input has been checked: a refused start leaves the run folder as it was.
@@ -79,6 +115,9 @@ try:
         tokenizer = data.load_or_train_tokenizer(train_docs, cfg.model.vocab_size, cache_dir, new_cache_files)
     train_tokens = data.load_or_tokenize(train_docs, tokenizer, cache_dir, "train", new_cache_files)
     val_tokens = data.load_or_tokenize(val_docs, tokenizer, cache_dir, "val", new_cache_files)
+    if tc.rl_task_tokens:  # the RL task's functions (minidsv3/tasks.py), ~1 % of the stream, no held-out prompt
+        task_tokens = tasks.pretraining_tokens(tokenizer, len(train_tokens), tc.rl_task_tokens, tc.seed + 16)
+        train_tokens = np.concatenate([train_tokens, task_tokens.astype(train_tokens.dtype)])
 except (data.DataError, run.RunFolderError) as e:
     fail(str(e))
 entropy = data.unigram_entropy(train_tokens, cfg.model.vocab_size)
@@ -101,7 +140,11 @@ stages = [
     {"name": "pretrain", "steps": tc.pretrain_steps, "seq_len": cfg.data.seq_len, "model": cfg.model},
     {"name": "context", "steps": tc.context_steps, "seq_len": long_seq, "model": yarn_model},
     {"name": "sft", "steps": tc.sft_steps, "seq_len": sft_seq, "model": yarn_model if extended else cfg.model},
+    # RL starts from the SFT model (report §5.2); its seq_len is set below from the prompt window
+    {"name": "rl", "steps": tc.rl_steps if tc.sft_steps else 0, "model": yarn_model if extended else cfg.model},
 ]
+if tc.rl_steps and not tc.sft_steps:
+    print("no RL: it starts from the SFT model, and train.sft_steps = 0")
 context_batch = max(1, int(tc.batch_size / s))
 try:  # each stage's loader and validation batches; a stage switched off (0 steps) needs no data
     stages[0]["val"] = batches.eval_batches(val_tokens, cfg.data.seq_len, tc.batch_size, tc.eval_batches)
@@ -118,9 +161,18 @@ try:  # each stage's loader and validation batches; a stage switched off (0 step
                 " or switch post-training off with --train.sft_steps=0"
             )
         sft_train, sft_val = sft.split_pairs(pairs, cfg.data.val_fraction, cfg.data.split_seed)
+        sft_train = tasks.mix_pairs(sft_train, tc.rl_task_pairs, tc.seed + 17)  # + RL task pairs, held-out ones not
         stages[2]["batches"] = sft.SFTBatches(sft_train, tokenizer, sft_seq, tc.batch_size, tc.seed + 2)
         stages[2]["val"] = sft.eval_batches(sft_val, tokenizer, sft_seq, tc.batch_size, tc.eval_batches)
         print(f"post-training: {len(sft_train)} prompt/response pairs ({len(sft_val)} held out)")
+    if stages[3]["steps"]:  # GRPO on the task's training prompts; scored on the held-out ones before and after
+        held_out = tasks.held_out_tasks()[: tc.rl_eval_prompts]
+        rl_window = rl.prompt_window(tokenizer, held_out)
+        stages[3]["seq_len"] = rl_window + tc.rl_max_new_tokens - 1  # T of the training forward
+        stages[3]["batches"] = rl.RLPrompts(tokenizer, tc.rl_prompts, rl_window, tc.seed + 3, held_out)
+        stages[3]["val"] = stages[2]["val"]  # the held-out SFT pairs, as after SFT
+        rl_stdlib = rl.stdlib_prompts(tokenizer, sft_val, rl_window)  # the parse-rate check on real code
+        print(f"RL: {tc.rl_prompts} x {tc.rl_samples} samples a step, {len(held_out)} held-out task prompts")
 except data.DataError as e:
     fail(str(e))
 except OSError as e:  # e.g. an SFT file without read permission
@@ -133,6 +185,7 @@ total_steps = sum(st["steps"] for st in stages)
 
 model = with_config(init_model, cfg.model) if tc.init_from else Transformer(cfg.model, rngs=nnx.Rngs(tc.seed))
 optimizer = make_optimizer(model, tc)
+sharding.shard_modules(mesh, model, optimizer)  # experts split over 'expert', the rest replicated (PARTITION_RULES)
 ramp = schedules.BatchRamp(tc, cfg.data.seq_len)  # micro-batches per step, and pre-training tokens seen, by step
 if tc.batch_ramp_tokens:
     levels = [f"{lv.micro_batches * tc.batch_size} from step {lv.first_step}" for lv in ramp.levels]
@@ -154,15 +207,17 @@ if checkpoint.latest_step(run_dir) is not None:
     print(f"resumed from checkpoint at step {step} of {total_steps}")
 # Every input is checked, the checkpoint included: the run folder gets this start's config.json and manifest.json, and the caches their files.
 try:
-    run.open_run_folder(run_dir, resolved, corpus)
-    data.write_files(new_cache_files)
+    if writer:  # the other processes read the same folder
+        run.open_run_folder(run_dir, resolved, corpus)
+        data.write_files(new_cache_files)
 except run.RunFolderError as e:
     fail(str(e))
 except OSError as e:
     fail(f"{e.filename}: cannot write the cache ({e.strerror}); choose another --data.cache_dir")
 
 try:
-    metrics_out = run.open_metrics(run_dir, step)  # the records up to the checkpoint; later ones are dropped
+    # the records up to the checkpoint (later ones are dropped); process 0's alone
+    metrics_out = run.open_metrics(run_dir, step) if writer else open(os.devnull, "w")  # noqa: SIM115
 except run.RunFolderError as e:
     fail(str(e))
 
@@ -182,6 +237,13 @@ def save_checkpoint() -> None:
         fail(str(e))
 
 
+def score_held_out(model: Transformer) -> dict:
+    """The RL task on the held-out prompts, plus the stdlib non-regression checks (rl.evaluate)."""
+    return rl.evaluate(model, tokenizer, held_out, sandbox, tc, window=rl_window, stdlib_val=stages[0]["val"],
+                       stdlib_pairs=rl_stdlib)  # fmt: skip
+
+
+sandbox = Sandbox()  # the reward's worker process, started by the first reward (minidsv3/reward.py)
 stop_signal = []
 for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
@@ -200,9 +262,40 @@ for st in stages:
     # cached_partial walks the model's module graph once, not on every call (~0.3 s a step for the tiny model).
     step_fn = nnx.cached_partial(train_step, model, optimizer)
     flops_per_token = flops.flops_per_token(st["model"], st["seq_len"]).total
+    if st["name"] == "rl":  # π_ref = the SFT model (Eq. 27), kept in the run folder; the task scored before RL
+        flops_per_token = rl.flops_per_token(st["model"], st["seq_len"])
+        if step == stage_start:
+            reference = rl.save_reference(run_dir, model)
+            print(f"scoring the SFT model on {len(held_out)} held-out task prompts (rl_eval_before.json)")
+            rl.write_json(run_dir / "rl_eval_before.json", score_held_out(model))
+        else:
+            try:
+                reference = rl.load_reference(run_dir, model)
+            except FileNotFoundError as e:
+                fail(str(e))
     speed = run.Throughput()
-    bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True)
+    bar = tqdm(total=st["steps"], initial=step - stage_start, desc=st["name"], dynamic_ncols=True, disable=not writer)
     while step < stage_end and not stop_signal and not 0 < tc.stop_after_steps <= step:
+        if st["name"] == "rl":  # a GRPO step: rollouts, rule rewards, one update, router biases frozen (rl.py)
+            tic = time.perf_counter()
+            out = rl.rl_step(model, reference, optimizer, st["batches"], sandbox, tc)
+            seconds = time.perf_counter() - tic
+            step += 1
+            skipped += bool(out["skipped"])
+            ledger.record("rl", steps=1, tokens=out["tokens"], seconds=seconds, seq_len=st["seq_len"],
+                          flops=out["tokens"] * flops_per_token)  # fmt: skip
+            record = rl.step_record(step, out, model, lr=tc.rl_learning_rate, seconds=seconds)
+            run.write_record(metrics_out, record)
+            shown = f" MaxVio {record['maxvio_batch']:.2f}" if record["maxvio_batch"] is not None else ""
+            shown += f" skipped {skipped} (NaN/inf)" if skipped else ""
+            bar.set_postfix_str(
+                f"reward {record['reward']:.3f} zero-var groups {record['zero_variance_groups']}/{tc.rl_prompts}"
+                f" KL {record['kl']:.4f} length {record['response_length']:.1f}{shown}"
+            )
+            bar.update(1)
+            if step % tc.ckpt_every == 0 or step == stage_end:
+                save_checkpoint()
+            continue
         # schedules: the batch (ramp), learning rate, λ and γ of this step, from the tokens seen (report §4.2)
         micro = next_micro_batches(st["batches"], ramp.micro_batches(step))  # (micro, B, T) each
         lr = schedules.learning_rate(step, tc, ramp)
@@ -210,7 +303,8 @@ for st in stages:
 
         # forward, backward, update (then the router-bias update, inside the step)
         tic = time.perf_counter()
-        out = step_fn(micro, lr, lam, gamma)
+        with jax.set_mesh(mesh):  # the MoE layers exchange tokens over its 'expert' axis (minidsv3/expert_parallel.py)
+            out = step_fn(micro, lr, lam, gamma)
         loss = float(out["main_loss"])  # waits for the step
         seconds = time.perf_counter() - tic
         step += 1
@@ -277,6 +371,11 @@ final = evaluate(model, batches.eval_batches(val_tokens, cfg.data.seq_len, tc.ba
 final["unigram_entropy"] = entropy
 if tc.sft_steps:  # post-training is the last stage
     final["sft"] = evaluate(model, stages[-1]["val"])
+if stages[-1]["name"] == "rl":  # the task before (saved when RL began) and after RL
+    final["rl"] = {"before": json.loads((run_dir / "rl_eval_before.json").read_text()), "after": score_held_out(model)}
+sandbox.close()
+if not writer:  # process 0 writes the reports
+    sys.exit(0)
 (run_dir / "final.json").write_text(json.dumps(final, indent=2))
 print(
     f"final validation loss {final['val_loss']:.3f} nats/token vs the corpus's unigram entropy {entropy:.3f}"
@@ -284,6 +383,8 @@ print(
     + (f"; on the held-out SFT pairs: loss {final['sft']['val_loss']:.3f}, MaxVio {run.mean_maxvio(final['sft'])}"
        if "sft" in final else "")
 )  # fmt: skip
+if "rl" in final:
+    print(rl.report(final["rl"]["before"], final["rl"]["after"]))
 plots.plot_run(run_dir)
 ledger.save(run_dir / "ledger.json")
 table = ledger.write_costs_md(run_dir / "costs.md")

@@ -29,20 +29,24 @@ class Block(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None
+        self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None, offsets: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (B, T, D) -> out (B, T, D), expert loads (1, E) for a MoE layer or (0, E) for a dense one (so that the
-        model concatenates every layer's into (L_moe, E)), balance loss () (0 for a dense layer)."""
-        h = x + self.self_attn(self.input_layernorm(x), positions)  # (B, T, D)
+        model concatenates every layer's into (L_moe, E)), balance loss () (0 for a dense layer). offsets (B,): left
+        padding (see `MultiHeadLatentAttention.__call__`)."""
+        h = x + self.self_attn(self.input_layernorm(x), positions, offsets)  # (B, T, D)
         if not self.is_moe:
             no_load = jnp.zeros((0, self.cfg.n_routed_experts), jnp.float32)  # (0, E)
             return h + self.mlp(self.post_attention_layernorm(h)), no_load, jnp.zeros((), jnp.float32)
         y, load, balance_loss = self.mlp(self.post_attention_layernorm(h), token_mask)  # (B, T, D), (E,), ()
         return h + y, load[None], balance_loss  # (B, T, D), (1, E), ()
 
-    def decode(self, x: jax.Array, cache: LatentCache, start: jax.Array) -> tuple[jax.Array, LatentCache]:
-        """x (B, T, D) at positions start..start+T-1, attending through the latent cache (absorbed MLA)."""
-        a, cache = self.self_attn.decode(self.input_layernorm(x), cache, start)  # (B, T, D)
+    def decode(
+        self, x: jax.Array, cache: LatentCache, start: jax.Array, offsets: jax.Array | None = None
+    ) -> tuple[jax.Array, LatentCache]:
+        """x (B, T, D) in cache slots start..start+T-1, attending through the latent cache (absorbed MLA); offsets (B,)
+        left padding."""
+        a, cache = self.self_attn.decode(self.input_layernorm(x), cache, start, offsets=offsets)  # (B, T, D)
         h = x + a
         if not self.is_moe:
             return h + self.mlp(self.post_attention_layernorm(h)), cache

@@ -8,6 +8,7 @@ A run is described by one `Config` with three sections, each its own TOML table:
     [model]  ModelConfig  the architecture (and the FP8 switch, which changes the numerics of the model's matmuls)
     [data]   DataConfig   where text comes from and how it is cut into sequences
     [train]  TrainConfig  optimizer, schedules, the three stages of Table 1, logging and checkpoints
+    [mesh]   MeshConfig   the devices it runs on: a (data, expert) mesh and, for several hosts, jax.distributed
 """
 
 from __future__ import annotations
@@ -138,6 +139,19 @@ class TrainConfig:
     context_learning_rate: float = 3e-4  # constant, the final pre-training LR (7.3e-6 in the report)
     sft_steps: int = 100  # post-training: supervised fine-tuning, loss on responses only
     sft_learning_rate: float = 3e-4  # cosine to sft_learning_rate·min_lr_ratio (5e-6 -> 1e-6 in the report)
+    # post-training: reinforcement learning with GRPO on the task of minidsv3/tasks.py, after SFT (report §5.2;
+    # minidsv3/rl.py). It starts from the SFT model, so it runs only when sft_steps > 0
+    rl_steps: int = 0  # GRPO steps, one optimizer update per batch of rollouts; 0 = no RL
+    rl_learning_rate: float = 2e-4  # constant; DeepSeekMath's 1e-6 is for 7B, 1e-3 collapsed a 0.8M-param prototype
+    rl_prompts: int = 8  # P: prompts per step
+    rl_samples: int = 8  # G: samples per prompt (a group), report §5.2.2
+    rl_max_new_tokens: int = 24  # R: response budget, EOS included (the task's bodies take <= 20 tokens)
+    rl_beta: float = 0.0  # β of the KL penalty, Eq. 26 (DeepSeekMath: 0.04; the V3 report gives none)
+    rl_clip: float = 0.2  # ε of the clipped ratio, Eq. 26 (inactive with one update per batch, minidsv3/grpo.py)
+    rl_aggregation: str = "dapo"  # how token terms are averaged: "grpo", "dapo" or "drgrpo" (minidsv3/grpo.py)
+    rl_eval_prompts: int = 300  # held-out prompts scored before and after RL, at most the 300 of tasks.held_out_tasks
+    rl_task_tokens: float = 0.01  # share of the pre-training token stream that is task functions
+    rl_task_pairs: float = 0.2  # share of the SFT pairs that are task pairs (the issue: 10-20 %)
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 4
@@ -150,10 +164,23 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh (minidsv3/sharding.py): data x expert devices, the experts split over `expert` (report §3.2.2:
+    64-way expert parallelism). Several hosts: one process each, started with the same command plus its process_id."""
+
+    data: int = 1  # devices a batch is split over, each with all the experts
+    expert: int = 1  # EP: devices the routed experts are split over (the batch is split over them too)
+    coordinator_address: str = ""  # host:port of process 0 for jax.distributed; "" = one process, or auto-detected
+    num_processes: int = 1  # processes (hosts) in the run; > 1 calls jax.distributed.initialize
+    process_id: int = 0  # this process, 0 .. num_processes-1; process 0 writes the logs, plots and reports
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,11 +212,12 @@ NOT_RUN_DEFINING = {
 
 
 def run_defining(tables: dict) -> dict:
-    """A config dict (as config.json stores it) minus NOT_RUN_DEFINING: what two runs must share to be the same run."""
+    """A config dict (as config.json stores it) minus NOT_RUN_DEFINING: what two runs must share to be the same run.
+    The [mesh] table never is: every mesh computes the same steps, and a checkpoint restores onto any mesh."""
     return {
         section: {k: v for k, v in fields.items() if k not in NOT_RUN_DEFINING.get(section, ())}
         if isinstance(fields, dict) else fields
-        for section, fields in tables.items()
+        for section, fields in tables.items() if section != "mesh"
     }  # fmt: skip
 
 

@@ -103,9 +103,32 @@ def validate_train(tc: TrainConfig) -> None:
         f"must be <= tail_fraction ({tc.tail_fraction}): it is the tail's last part, got {tc.final_fraction}",
     )
     _require(tc.context_yarn_factor >= 1, "train.context_yarn_factor", f"must be >= 1, got {tc.context_yarn_factor}")
+    validate_rl(tc)
     _require(0 <= tc.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {tc.seed}")  # numpy refuses < 0
     _require(bool(tc.out_dir), "train.out_dir", "must not be empty")
     validate_batch_ramp(tc)
+
+
+def validate_rl(tc: TrainConfig) -> None:
+    """The RL stage's fields (minidsv3/rl.py)."""
+    _require(tc.rl_steps >= 0, "train.rl_steps", f"must be >= 0, got {tc.rl_steps}")
+    positive = ("rl_learning_rate", "rl_prompts", "rl_max_new_tokens")
+    _require_each(tc, "train", positive, lambda v: v > 0, "> 0")
+    held_out = 300  # the held-out set of minidsv3/tasks.py, kept out of every training prompt
+    _require(
+        0 < tc.rl_eval_prompts <= held_out,
+        "train.rl_eval_prompts",
+        f"must be in [1, {held_out}] (the held-out set), got {tc.rl_eval_prompts}",
+    )
+    _require(tc.rl_samples >= 2, "train.rl_samples", f"must be >= 2 (a group needs a baseline), got {tc.rl_samples}")
+    _require_each(tc, "train", ("rl_beta", "rl_clip"), lambda v: v >= 0, ">= 0")
+    _require_each(tc, "train", ("rl_task_tokens", "rl_task_pairs"), lambda v: 0 <= v < 1, "in [0, 1)")
+    aggregations = ("grpo", "dapo", "drgrpo")  # minidsv3/grpo.py's AGGREGATIONS
+    _require(
+        tc.rl_aggregation in aggregations,
+        "train.rl_aggregation",
+        f"must be one of {', '.join(aggregations)}, got {tc.rl_aggregation!r}",
+    )
 
 
 def validate_batch_ramp(tc: TrainConfig) -> None:
@@ -158,4 +181,36 @@ def validate_run(cfg: Config) -> Config:
         "model.vocab_size",
         f"must be >= 258 for the byte-level tokenizer (256 bytes + 2 special tokens), got {m.vocab_size}",
     )
+    validate_mesh(cfg)
     return cfg
+
+
+def validate_mesh(cfg: Config) -> None:
+    """The [mesh] table against the experts and the batches it splits (minidsv3/sharding.py). Whether the devices
+    divide into the mesh is known only when it is built (sharding.make_mesh, from train.py)."""
+    mesh, tc = cfg.mesh, cfg.train
+    _require_each(mesh, "mesh", ("data", "expert", "num_processes"), lambda v: v > 0, "> 0")
+    _require(
+        0 <= mesh.process_id < mesh.num_processes,
+        "mesh.process_id",
+        f"must be in [0, num_processes = {mesh.num_processes}), got {mesh.process_id}",
+    )
+    experts = cfg.model.n_routed_experts
+    _require(
+        experts % mesh.expert == 0,
+        "mesh.expert",
+        f"must divide model.n_routed_experts ({experts}) so that each device holds whole experts, got {mesh.expert}",
+    )
+    devices = mesh.data * mesh.expert  # every device gets whole sequences of every batch
+    _require(
+        tc.batch_size % devices == 0,
+        "train.batch_size",
+        f"must be a multiple of mesh.data x mesh.expert ({devices}) to split over the mesh, got {tc.batch_size}",
+    )
+    context_batch = max(1, int(tc.batch_size / tc.context_yarn_factor))  # as train.py cuts context extension's batch
+    _require(
+        not tc.context_steps or context_batch % devices == 0,
+        "train.batch_size",
+        f"context extension's batch, batch_size / context_yarn_factor = {context_batch} sequences, must be a multiple"
+        f" of mesh.data x mesh.expert ({devices}); choose another batch_size or context_yarn_factor",
+    )

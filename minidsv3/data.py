@@ -46,7 +46,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"  # document separator, and end of sequence for SFT responses
 PAD = "<|pad|>"  # fills SFT rows; never a target with loss
-_TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # part of the cache key: change it when the training recipe changes
+_TOKENIZER_RECIPE = "bytelevel-bpe-digits-v2"  # part of the cache key: change it when the training recipe changes
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -196,9 +196,14 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
 
 def _train_tokenizer(docs: list[Document], vocab_size: int) -> Tokenizer:
     """Byte-level BPE: text -> UTF-8 bytes -> merges learned on `docs`; all 256 bytes are in the vocabulary, so any
-    text encodes losslessly, seen in training or not. Special tokens come first: EOT = 0, PAD = 1."""
+    text encodes losslessly, seen in training or not. Special tokens come first: EOT = 0, PAD = 1.
+
+    Digits are split one by one before BPE (as DeepSeek's and LLaMA's tokenizers do), so that 123 is 1 2 3 and a
+    number's digits are learnable, not arbitrary merged tokens (the RL task's arithmetic, minidsv3/tasks.py)."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -17,14 +17,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-STAGES = {"pretrain": "Pre-Training", "context": "Context Extension", "sft": "Post-Training"}  # Table 1's columns
+# Table 1's columns. The report books SFT and RL together as post-training; a run with RL shows them apart.
+STAGES = {"pretrain": "Pre-Training", "context": "Context Extension", "sft": "Post-Training", "rl": "Post-Training: RL"}
 
 
 @dataclasses.dataclass
 class StageCost:
     """One column of Table 1. `flops`, `tokens`, `steps` and `seconds` are None where a source does not give them."""
 
-    stage: str  # "pretrain" | "context" | "sft"
+    stage: str  # "pretrain" | "context" | "sft" | "rl"
     device_hours: float
     tokens: float | None = None
     flops: float | None = None
@@ -69,7 +70,8 @@ def format_table1(
         + [cell(_stage_mfu(cost, peak_flops), _fmt_percent) for cost in stages]
         + [cell(mfu(total_flops, known_hours, peak_flops) if known_hours else None, _fmt_percent)],
     ]
-    header = ["Training Costs"] + [STAGES[cost.stage] for cost in stages] + ["Total"]
+    names = STAGES | ({"sft": "Post-Training: SFT"} if any(cost.stage == "rl" for cost in stages) else {})
+    header = ["Training Costs"] + [names[cost.stage] for cost in stages] + ["Total"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     peak = f"{'measured' if peak_measured else 'datasheet'} peak {peak_flops / 1e12:.4g} TFLOP/s per device"

@@ -84,20 +84,23 @@ class MultiHeadLatentAttention(nnx.Module):
         # NOTE: differs from the report: no "scaling factors at the width bottlenecks" (§4.2). Their values are not
         # published and [G] has none; a constant factor before an RMSNorm or a linear layer is absorbed by its weights.
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """Causal self-attention over the whole sequence, x (B, T, D) with positions (T,) or (B, T) -> (B, T, D)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, offsets: jax.Array | None = None) -> jax.Array:
+        """Causal self-attention over the whole sequence, x (B, T, D) with positions (T,) or (B, T) -> (B, T, D).
+
+        offsets (B,): left padding, row b's real tokens start at slot offsets[b]; no query attends to a slot before
+        it (`visible`). None: no padding."""
         T = x.shape[1]
         q_nope, q_rope = self._queries(x, positions)  # (B, T, H, P), (B, T, H, R)
         c_kv, k_rope = self._latents(x, positions)  # (B, T, C), (B, T, R)
         k_nope, v = self._expand(c_kv)  # (B, T, H, P), (B, T, H, U)
         q, k = self._joint_heads(q_nope, q_rope, k_nope, k_rope)  # (B, T, H, X), (B, T, H, X)
-        causal = jnp.tril(jnp.ones((T, T), bool))  # (T, S=T): Eq. 10 sums over j <= t
+        causal = visible(jnp.arange(T), T, offsets)  # (T, S=T) or (B, 1, T, S): Eq. 10 sums over j <= t
         # Causal blocking: queries t in [i, j) never see keys past j, so each block of QUERY_BLOCK queries scores only
         # keys [0, j). That skips the upper-right triangle of the T x T scores; at T = 256 (two blocks) it cut the
         # attention core's forward + backward from 7.6 to 6.1 ms on the tiny model (2-core CPU).
         o = jnp.concatenate(
             [
-                self._attend(q[:, i:j], k[:, :j], v[:, :j], causal[i:j, :j])  # (B, j-i, H, U)
+                self._attend(q[:, i:j], k[:, :j], v[:, :j], causal[..., i:j, :j])  # (B, j-i, H, U)
                 for i in range(0, T, QUERY_BLOCK)
                 for j in [min(i + QUERY_BLOCK, T)]
             ],
@@ -148,30 +151,38 @@ class MultiHeadLatentAttention(nnx.Module):
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """Eq. 10 on materialized keys and values: q (B, T, H, X) already scaled, k (B, S, H, X), v (B, S, H, U),
-        mask (T, S) -> o (B, T, H, U)."""
+        mask (T, S) or (B, 1, T, S) -> o (B, T, H, U)."""
         scores = _einsum("bthx,bshx->bhts", q, k)  # (B, H, T, S)
         probs = _masked_softmax(scores, mask)  # (B, H, T, S), Eq. 10
         return _einsum("bhts,bshu->bthu", probs, v.astype(jnp.float32))  # (B, T, H, U), Eq. 10
 
     def decode(
-        self, x: jax.Array, cache: LatentCache, start: jax.Array | int, *, absorb: bool = True
+        self,
+        x: jax.Array,
+        cache: LatentCache,
+        start: jax.Array | int,
+        *,
+        absorb: bool = True,
+        offsets: jax.Array | None = None,
     ) -> tuple[jax.Array, LatentCache]:
-        """Attend T new tokens x (B, T, D) at positions start..start+T-1 to the cache plus themselves.
+        """Attend T new tokens x (B, T, D) in cache slots start..start+T-1 to the cache plus themselves.
 
-        Returns y (B, T, D) and the cache with the new positions written. `start` may be a traced int32 scalar, so
+        Returns y (B, T, D) and the cache with the new slots written. `start` may be a traced int32 scalar, so
         one jitted function serves every step. The caller keeps start + T <= S_max: `dynamic_update_slice` clamps
-        an out-of-range start instead of failing.
+        an out-of-range start instead of failing. offsets (B,): left padding as in `__call__`; row b's slot s holds
+        position s - offsets[b]. None: slot = position.
         """
         cfg = self.cfg
         T, S_max = x.shape[1], cache.c_kv.shape[1]
-        positions = start + jnp.arange(T)  # (T,)
+        slots = start + jnp.arange(T)  # (T,)
+        positions = slots if offsets is None else row_positions(slots, offsets)  # (T,) or (B, T)
         q_nope, q_rope = self._queries(x, positions)  # (B, T, H, P), (B, T, H, R)
         c_new, k_rope_new = self._latents(x, positions)  # (B, T, C), (B, T, R)
         c_kv = jax.lax.dynamic_update_slice(cache.c_kv, c_new, (0, start, 0))  # (B, S_max, C)
         k_rope = jax.lax.dynamic_update_slice(cache.k_rope, k_rope_new, (0, start, 0))  # (B, S_max, R)
         cache = LatentCache(c_kv=c_kv, k_rope=k_rope)
         # Query t sees cache slots 0..start+t: the earlier tokens, the new ones up to itself; never unwritten slots.
-        mask = jnp.arange(S_max)[None, :] <= positions[:, None]  # (T, S_max)
+        mask = visible(slots, S_max, offsets)  # (T, S_max) or (B, 1, T, S_max)
 
         if not absorb:  # naive: expand every cached latent to per-head keys and values (notes §1.5 "naive")
             k_nope, v = self._expand(c_kv)  # (B, S_max, H, P), (B, S_max, H, U)
@@ -206,8 +217,28 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> LatentCache:
     )
 
 
+def row_positions(slots: jax.Array, offsets: jax.Array) -> jax.Array:
+    """Slots (T,) of left-padded rows starting at offsets (B,) -> positions (B, T): slot - offset, and 0 on padding
+    (which no real token attends to, so its position is arbitrary)."""
+    return jnp.maximum(slots[None, :] - offsets[:, None], 0)  # (B, T)
+
+
+def visible(query_slots: jax.Array, n_keys: int, offsets: jax.Array | None) -> jax.Array:
+    """Which key slots each query slot (T,) attends to: the causal mask (T, S), and with left padding offsets (B,)
+    (B, 1, T, S) without the padding slots s < offsets[b]. A padding query sees only itself, so that its softmax has
+    a key (its output is never used)."""
+    keys = jnp.arange(n_keys)  # (S,)
+    causal = keys[None, :] <= query_slots[:, None]  # (T, S)
+    if offsets is None:
+        return causal
+    real = keys[None, :] >= offsets[:, None]  # (B, S)
+    itself = keys[None, :] == query_slots[:, None]  # (T, S)
+    return ((causal[None] & real[:, None, :]) | itself[None])[:, None]  # (B, 1, T, S), broadcast over heads
+
+
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax over keys (last axis) of scores (B, H, T, S) where mask (T, S) is True; each row keeps >= 1 key."""
+    """Softmax over keys (last axis) of scores (B, H, T, S) where mask (T, S) or (B, 1, T, S) is True; each row keeps
+    >= 1 key."""
     scores = jnp.where(mask, scores, -jnp.inf)  # (B, H, T, S)
     return jax.nn.softmax(scores, axis=-1)  # (B, H, T, S), Eq. 10's Softmax_j
 

@@ -17,7 +17,7 @@ from minidsv3 import moe
 from minidsv3.block import Block
 from minidsv3.config import ModelConfig
 from minidsv3.layers import Linear, RMSNorm, head_nll, matmul, normal_init, token_nll
-from minidsv3.mla import LatentCache, init_cache
+from minidsv3.mla import LatentCache, init_cache, row_positions
 from minidsv3.mtp import MTPModule, mtp_forward, mtp_loss
 
 
@@ -70,23 +70,29 @@ class Transformer(nnx.Module):
         targets: jax.Array | None = None,
         loss_mask: jax.Array | None = None,
         token_mask: jax.Array | None = None,
+        offsets: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """tokens (B, T) -> the final normed hidden states (B, T, D), the head's input, and aux.
 
         targets (B, T) (= tokens shifted by one) switch on the MTP modules; loss_mask (B, T) weights the targets
         (SFT scores responses only); token_mask (B, T) marks real tokens, padding is kept out of the expert loads.
+        offsets (B,): left padding (RL rollouts), row b's tokens start at slot offsets[b] at position 0, and no token
+        attends to the padding before it; the MTP modules do not take it (RL runs without them).
         aux: expert_load (L_moe, E) · mtp_expert_load (depths, E) · balance_loss () · mtp_loss () (Eq. 25 / λ).
         """
-        positions = jnp.arange(tokens.shape[1])  # (T,)
+        slots = jnp.arange(tokens.shape[1])  # (T,)
+        positions = slots if offsets is None else row_positions(slots, offsets)  # (T,) or (B, T)
         token_mask = jnp.ones(tokens.shape, jnp.float32) if token_mask is None else token_mask  # (B, T)
         h = self.embed(tokens)  # (B, T, D)
         loads, balance_loss = [], jnp.zeros((), jnp.float32)
         for layer in self.layers:
-            h, load, bal = layer(h, positions, token_mask)  # (B, T, D), (1, E) or (0, E) for a dense layer, ()
+            h, load, bal = layer(h, positions, token_mask, offsets)  # (B, T, D), (1, E) or (0, E) if dense, ()
             loads.append(load)
             balance_loss += bal
         l_mtp, mtp_loads = jnp.zeros((), jnp.float32), jnp.zeros((0, self.cfg.n_routed_experts))  # (), (depths, E)
         if targets is not None and len(self.mtp) > 0:
+            if offsets is not None:
+                raise ValueError("the MTP modules take no left padding; call features without targets")
             loss_mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
             # head = identity: each depth's normed hidden states, scored through the fused head_nll
             mtp_normed, mtp_loads, mtp_balance = mtp_forward(
@@ -108,17 +114,22 @@ class Transformer(nnx.Module):
         """One latent cache per layer: (B, S, kv_lora_rank) + (B, S, qk_rope_head_dim) floats."""
         return [init_cache(self.cfg, batch, max_len) for _ in self.layers]
 
-    def decode(self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array) -> tuple[jax.Array, list]:
-        """tokens (B, T) at positions start..start+T-1 -> logits (B, T, V) and the updated caches."""
-        h, caches = self.decode_hidden(tokens, caches, start)  # (B, T, D)
+    def decode(
+        self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array, offsets: jax.Array | None = None
+    ) -> tuple[jax.Array, list]:
+        """tokens (B, T) in cache slots start..start+T-1 -> logits (B, T, V) and the updated caches. offsets (B,): left
+        padding as in `features` (slot s of row b holds position s - offsets[b]); None: slot = position."""
+        h, caches = self.decode_hidden(tokens, caches, start, offsets)  # (B, T, D)
         return self.head(self.norm(h)), caches
 
-    def decode_hidden(self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array) -> tuple[jax.Array, list]:
+    def decode_hidden(
+        self, tokens: jax.Array, caches: list[LatentCache], start: jax.Array, offsets: jax.Array | None = None
+    ) -> tuple[jax.Array, list]:
         """As `decode`, but returns the last hidden state (B, T, D) before the final norm: the MTP module's input."""
         h = self.embed(tokens)  # (B, T, D)
         new_caches = []
         for layer, cache in zip(self.layers, caches, strict=True):
-            h, cache = layer.decode(h, cache, start)  # (B, T, D)
+            h, cache = layer.decode(h, cache, start, offsets)  # (B, T, D)
             new_caches.append(cache)
         return h, new_caches
 

@@ -15,7 +15,8 @@ from minidsv3 import run
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write loss.png, expert_load.png and router_bias.png into `run_dir`; return their paths."""
+    """Write loss.png, expert_load.png, router_bias.png and, after RL, rl_reward.png into `run_dir`; return their
+    paths."""
     run_dir = Path(run_dir)
     records = run.read_metrics(run_dir)
     steps = [r for r in records if not r.get("eval")]
@@ -25,7 +26,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot([r["step"] for r in steps], [r["main_loss"] for r in steps], lw=0.8, label="train loss (main)")
+    supervised = [r for r in steps if "main_loss" in r]  # RL steps log a reward, not a cross-entropy
+    ax.plot([r["step"] for r in supervised], [r["main_loss"] for r in supervised], lw=0.8, label="train loss (main)")
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
     for prev, cur in itertools.pairwise(steps):
         if cur["stage"] != prev["stage"]:
@@ -56,6 +58,21 @@ def plot_run(run_dir: Path) -> list[Path]:
         axes[-1, 0].set_xlabel("optimizer step")
         axes[0, 0].set_title("Router biases (aux-loss-free balancing); the last rows are the MTP blocks'")
         written.append(_save(fig, run_dir / "router_bias.png"))
+
+    rl = [r for r in steps if r["stage"] == "rl"]
+    if rl:  # GRPO (minidsv3/rl.py): the mean reward of each step's samples and the groups that gave no gradient
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = [r["step"] for r in rl]
+        reward = np.array([r["reward"] for r in rl])
+        ax.plot(x, reward, lw=0.8, alpha=0.5, label="reward (mean of the step's samples)")
+        window = min(10, len(rl))
+        ax.plot(x[window - 1 :], np.convolve(reward, np.ones(window) / window, "valid"), label=f"mean of {window}")
+        ax.set(xlabel="optimizer step", ylabel="reward", ylim=(0, 1), title="RL: rule reward of the rollouts (GRPO)")
+        ax.legend(loc="upper left")
+        right = ax.twinx()
+        right.plot(x, [r["zero_variance_groups"] for r in rl], ":", lw=0.8, color="grey")
+        right.set_ylabel("groups with equal rewards (dotted)")
+        written.append(_save(fig, run_dir / "rl_reward.png"))
     return written
 
 

@@ -29,7 +29,7 @@ def test_ledger_accumulates_steps_and_phases_and_survives_a_json_round_trip(tmp_
     assert json.loads((tmp_path / "ledger.json").read_text())["stages"]["context"]["steps"] == 3
     assert Ledger.load(tmp_path / "ledger.json") == ledger
     with pytest.raises(ValueError, match="stage"):
-        ledger.record("rl", steps=1, tokens=1, seconds=1.0, seq_len=8, flops=1.0)
+        ledger.record("dpo", steps=1, tokens=1, seconds=1.0, seq_len=8, flops=1.0)  # not a stage of train.py
 
 
 def test_table_1_has_the_reports_rows_and_columns(tmp_path):

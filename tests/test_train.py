@@ -35,6 +35,7 @@ TINY = [
     "--model.num_experts_per_tok=2", "--model.dtype=float32", "--data.seq_len=16", "--train.batch_size=4",
     "--train.pretrain_steps=4", "--train.context_steps=2", "--train.sft_steps=2", "--train.eval_every=100",
     "--train.eval_batches=1", "--train.ckpt_every=100", "--train.sample_tokens=0", "--train.warmup_steps=2",
+    "--train.rl_steps=0",  # tiny.toml's RL stage: tests/test_rl_stage.py
 ]  # fmt: skip
 
 
