@@ -5,9 +5,7 @@ DeepseekV3ForCausalLM (skipped without the `[peer]` extra: `pip install -e ".[de
 
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import train
 
 from minidsv3 import config, data, generate, hf
 from minidsv3.generate import run
@@ -256,20 +255,6 @@ def test_generate_samples_from_a_hugging_face_folder_as_from_the_model(good, mod
 # ---------------------------------------------------------------------------------------------------------------
 # Fine-tuning an export: train.py --train.init_from
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def train_py(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-
 
 @pytest.mark.slow
 def test_train_py_fine_tunes_an_export_from_its_weights_with_its_tokenizer_and_a_fresh_ledger(
@@ -284,7 +269,7 @@ def test_train_py_fine_tunes_an_export_from_its_weights_with_its_tokenizer_and_a
             "--model.dtype=float32", "--data.seq_len=16", "--train.batch_size=4", f"--train.pretrain_steps={steps}",
             "--train.context_steps=0", "--train.sft_steps=0", "--train.eval_batches=1", "--train.sample_tokens=0",
             "--train.warmup_steps=1", f"--train.learning_rate={lr}", f"--train.bias_update_speed={gamma}"]  # fmt: skip
-    result = train_py(*args, cwd=tmp_path, env=jax_cache_env)
+    result = train(*args, cwd=tmp_path, env=jax_cache_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[model] takes its vocab_size 4096 -> 300, hidden_size 256 -> 64" in result.stdout  # tiny.toml's -> TINY's
     tuned, tokenizer, step = load_run(tmp_path / "run")
@@ -301,8 +286,8 @@ def test_train_py_fine_tunes_an_export_from_its_weights_with_its_tokenizer_and_a
 
 def test_train_py_refuses_an_init_folder_without_config_json_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = train_py(f"--train.init_from={tmp_path / 'empty'}", f"--train.out_dir={tmp_path / 'run'}", cwd=tmp_path,
-                      env=None)  # fmt: skip
+    result = train(f"--train.init_from={tmp_path / 'empty'}", f"--train.out_dir={tmp_path / 'run'}", cwd=tmp_path,
+                   env=dict(os.environ))  # fmt: skip
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no config.json" in result.stderr
     assert not (tmp_path / "run").exists()
 
