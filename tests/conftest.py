@@ -3,10 +3,19 @@
 import json
 import os
 
+# Before jax starts its CPU backend (here and in every train.py these tests start, which inherit the environment):
+# LLVM's optimization level 0 compiles ~2x faster, and compiling is most of this suite's time on 2 cores. The numbers
+# computed can differ from the default level's in the last bits (how LLVM contracts multiplies and adds); the
+# bit-for-bit tests compare runs made under the same flags.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 import numpy as np
 import pytest
+from flax import nnx
 
-from minidsv3.config import ModelConfig
+from minidsv3 import step
+from minidsv3.config import ModelConfig, TrainConfig
 
 SMALL = ModelConfig(
     vocab_size=97,
@@ -34,6 +43,20 @@ SMALL = ModelConfig(
 @pytest.fixture
 def cfg() -> ModelConfig:
     return SMALL
+
+
+_TRANSFORMATIONS: dict = {}  # TrainConfig -> the optax transformation of the first optimizer made for it
+
+
+def make_optimizer(model: nnx.Module, tc: TrainConfig) -> nnx.Optimizer:
+    """step.make_optimizer's AdamW, holding one optax transformation per TrainConfig for the whole session.
+
+    Why: nnx.jit keys a compiled train_step on the graph of its arguments, and the optimizer's transformation is part
+    of it; make_optimizer chains new functions at each call, so every new optimizer would compile the step anew (~10 s
+    on 2 cores). The transformation reused is the one make_optimizer built, for the same config."""
+    optimizer = step.make_optimizer(model, tc)
+    tx = _TRANSFORMATIONS.setdefault(tc, optimizer.tx)
+    return optimizer if tx is optimizer.tx else nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 @pytest.fixture

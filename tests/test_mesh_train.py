@@ -53,8 +53,10 @@ def test_a_mesh_larger_than_the_devices_is_one_line_on_stderr_and_exit_2(tmp_pat
 def test_two_processes_on_a_2x4_mesh_train_as_one_device_and_process_0_alone_writes_the_logs(tmp_path, jax_cache_env):
     corpus = write_corpus(tmp_path / "corpus")
     common = [*SHORT, f"--data.path={corpus}", f"--data.cache_dir={tmp_path / 'cache'}"]
-    one = train(*common, f"--train.out_dir={tmp_path / 'one'}", cwd=tmp_path, env=jax_cache_env)
-    assert one.returncode == 0, one.stderr[-2000:]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    # the one-device run, alongside the two processes (a train.py keeps about one core busy)
+    one = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"--train.out_dir={tmp_path / 'one'}"],
+                           cwd=tmp_path, env=jax_cache_env, **pipes)  # fmt: skip
 
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
@@ -65,11 +67,14 @@ def test_two_processes_on_a_2x4_mesh_train_as_one_device_and_process_0_alone_wri
         "--mesh.num_processes=2",
         f"--mesh.coordinator_address=127.0.0.1:{port}",
     ]
-    env = {**jax_cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    # conftest's flags (as the one-device run's), and 4 devices
+    flags = f"{jax_cache_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**jax_cache_env, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, str(ROOT / "train.py"), *common, *mesh, f"--train.out_dir={tmp_path / 'two'}"]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     procs = [subprocess.Popen([*args, f"--mesh.process_id={i}"], cwd=tmp_path, env=env, **pipes) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
+    one_err = one.communicate(timeout=600)[1]
+    assert one.returncode == 0, one_err[-2000:]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "mesh: 2 (data) x 4 (expert) devices of 8, 2 process(es)" in outs[0][0]
 

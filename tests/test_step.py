@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import make_optimizer
 from flax import nnx
 
 from minidsv3 import moe
 from minidsv3.config import TrainConfig
 from minidsv3.model import Transformer, routers, training_loss
-from minidsv3.step import evaluate, make_optimizer, train_step
+from minidsv3.step import evaluate, train_step
 
 TRAIN = TrainConfig(pretrain_steps=1000, context_steps=0, sft_steps=0)
 LR = 1e-2  # the learning rate each step gets (train.py takes it from schedules.learning_rate)
@@ -42,7 +43,8 @@ def test_the_router_bias_moves_once_per_step_from_the_loads_of_all_micro_batches
     optimizer = make_optimizer(model, TRAIN)
     a, b = batch(cfg, seed=1), batch(cfg, seed=2)
     # loads each micro-batch routes with the parameters and biases of before the step
-    loads = sum(np.asarray(model(m["inputs"])[1]["expert_load"]) for m in (a, b))  # (L_moe, E)
+    forward = nnx.jit(lambda model, x: model(x)[1]["expert_load"])  # (L_moe, E); jitted: eager takes ~15 s a call
+    loads = sum(np.asarray(forward(model, m["inputs"])) for m in (a, b))  # (L_moe, E)
     before = [np.asarray(r.e_score_correction_bias[...]) for r in routers(model)]
     gamma = 0.01
     out = train_step(model, optimizer, stacked(a, b), LR, 0.3, gamma)
@@ -67,7 +69,8 @@ def test_with_gamma_zero_the_biases_stay_put_but_the_parameters_move(cfg):
 
 
 def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing_and_the_next_finite_step_updates(cfg):
-    cfg = dataclasses.replace(cfg, num_hidden_layers=2)  # a dense layer, a MoE layer and the MTP module's
+    # a dense layer, two MoE layers and the MTP module's: the model and batch of the tests above, whose compiled
+    # step this test reuses
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(model, TRAIN)
     micro = stacked(batch(cfg))
@@ -147,9 +150,9 @@ def test_the_optimized_step_has_the_loss_and_gradients_of_the_plain_path(cfg, mo
     monkeypatch.setattr(layers, "LOSS_CHUNK", 16)  # 72 tokens -> 5 chunks, the last one padded
     monkeypatch.setattr(mla, "QUERY_BLOCK", 8)  # T = 24 -> 3 query blocks
 
-    def loss_and_grads():
+    def loss_and_grads():  # jitted (eager takes ~3x as long), traced anew for each path: the patches apply at trace
         m = Transformer(cfg, rngs=nnx.Rngs(0))
-        (loss, metrics), grads = nnx.value_and_grad(model_lib.training_loss, has_aux=True)(m, b, 0.3)
+        (loss, metrics), grads = nnx.jit(nnx.value_and_grad(model_lib.training_loss, has_aux=True))(m, b, 0.3)
         return float(loss), float(metrics["mtp_loss"]), nnx.to_flat_state(grads)
 
     fast = loss_and_grads()
