@@ -17,8 +17,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-# Table 1's columns. The report books SFT and RL together as post-training; a run with RL shows them apart.
-STAGES = {"pretrain": "Pre-Training", "context": "Context Extension", "sft": "Post-Training", "rl": "Post-Training: RL"}
+# Table 1's columns. The report books SFT and RL together as post-training: the ledger keeps them apart, Table 1 adds
+# them up (Ledger.format_table1).
+STAGES = {"pretrain": "Pre-Training", "context": "Context Extension", "sft": "Post-Training", "rl": "RL"}
+POST_TRAINING = ("sft", "rl")
 
 
 @dataclasses.dataclass
@@ -70,8 +72,7 @@ def format_table1(
         + [cell(_stage_mfu(cost, peak_flops), _fmt_percent) for cost in stages]
         + [cell(mfu(total_flops, known_hours, peak_flops) if known_hours else None, _fmt_percent)],
     ]
-    names = STAGES | ({"sft": "Post-Training: SFT"} if any(cost.stage == "rl" for cost in stages) else {})
-    header = ["Training Costs"] + [names[cost.stage] for cost in stages] + ["Total"]
+    header = ["Training Costs"] + [STAGES[cost.stage] for cost in stages] + ["Total"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     peak = f"{'measured' if peak_measured else 'datasheet'} peak {peak_flops / 1e12:.4g} TFLOP/s per device"
@@ -108,6 +109,12 @@ def _sum_known(stages: list[StageCost], field: str) -> float | None:
     return sum(values) if values else None
 
 
+def _sum_of(stage: str, parts: list[StageCost]) -> StageCost:
+    """One column for several stages' costs (each part known, as the ledger's are)."""
+    total = {f: sum(getattr(c, f) for c in parts) for f in ("device_hours", "tokens", "flops", "steps", "seconds")}
+    return StageCost(stage, **total, seq_lens=tuple(sorted({n for c in parts for n in c.seq_lens})))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The ledger train.py fills
 
@@ -141,14 +148,22 @@ class Ledger:
         return [self.stages[name] for name in STAGES if name in self.stages]
 
     def format_table1(self) -> str:
-        """Table 1 of this run (markdown), as `format_table1`."""
-        return format_table1(
-            self.ordered(),
+        """Table 1 of this run (markdown), as `format_table1`. Its Post-Training column is SFT + RL, as the report books
+        them; a line under the table gives each part."""
+        stages = self.ordered()
+        parts = [cost for cost in stages if cost.stage in POST_TRAINING]
+        table = format_table1(
+            [cost for cost in stages if cost not in parts] + ([_sum_of("sft", parts)] if parts else []),
             device=self.device,
             peak_flops=self.peak_flops,
             price_per_hour=self.price_per_hour,
             peak_measured=self.peak_measured,
         )
+        if len(parts) < 2:
+            return table
+        shares = [f"{c.stage.upper()} {_fmt_hours(c.device_hours, 0)} hours, {c.steps} steps, {_fmt_count(c.tokens)} tokens"
+                  for c in parts]  # fmt: skip
+        return f"{table}\nPost-Training = {' + '.join(shares)}."
 
     def write_costs_md(self, path: str | Path) -> str:
         """costs.md in the run folder: Table 1 of this run under a title. Returns the table, for the console."""

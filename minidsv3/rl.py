@@ -217,13 +217,16 @@ FIGURES = ("greedy_pass@1", "pass@1", "pass@8", "parse_rate", "response_length",
 
 def report(before: dict, after: dict) -> str:
     """The before/after table printed at the end of train.py, and the greedy samples of both."""
-    lines = [f"{'held-out RL task (± standard error)':<38}{'SFT model':>18}{'after RL':>18}{'change':>18}"]
+    lines = [f"{'held-out RL task (± standard error)':<38}{'SFT model':>18}{'after RL':>18}{'change (paired SE)':>22}"]
     for name in FIGURES:
         if name not in before or name not in after:
             continue
         a, b, sa, sb = before[name], after[name], before[f"{name}_se"], after[f"{name}_se"]
-        delta = f"{b - a:+.3f} ({(b - a) / max(sa, 1e-9):+.1f} SE)"
-        lines.append(f"{name:<38}{a:>11.3f} ± {sa:.3f}{b:>11.3f} ± {sb:.3f}{delta:>18}")
+        delta = f"{b - a:+.3f}"
+        if name in before.get("per_prompt", {}):  # the same prompts scored twice: the SE of their differences
+            change, se = rl_eval.paired_change(before, after, name)
+            delta += f" ({change / max(se, 1e-9):+.1f} SE)"
+        lines.append(f"{name:<38}{a:>11.3f} ± {sa:.3f}{b:>11.3f} ± {sb:.3f}{delta:>22}")
     lines.append(
         f"{'stdlib_val_loss (nats/token)':<38}{before['stdlib_val_loss']:>18.3f}{after['stdlib_val_loss']:>18.3f}"
         f"{after['stdlib_val_loss'] - before['stdlib_val_loss']:>+18.3f}"

@@ -38,6 +38,14 @@ def mean_and_error(values) -> tuple[float, float]:
     return float(v.mean()), float(np.sqrt(v.var() / len(v)))
 
 
+def paired_change(before: dict, after: dict, name: str) -> tuple[float, float]:
+    """The change of figure `name` between two evaluations of the same prompts, and its standard error: the mean and
+    sqrt(var / N) of the per-prompt differences (a paired comparison, which the prompts' spread in difficulty does not
+    inflate, unlike sqrt(se_before² + se_after²))."""
+    diff = np.asarray(after["per_prompt"][name]) - np.asarray(before["per_prompt"][name])  # (prompts,)
+    return mean_and_error(diff)
+
+
 def decode_responses(tokenizer: Tokenizer, tokens: np.ndarray, lengths: np.ndarray, eos: int) -> list[str]:
     """Rollout tokens (B, R) and lengths (B,) -> each row's response text, EOS cut."""
     return [tokenizer.decode([int(x) for x in row[:n] if x != eos]) for row, n in zip(tokens, lengths, strict=True)]
@@ -93,8 +101,8 @@ def evaluate(
     n_examples: int = 3,
 ) -> dict:
     """Greedy pass@1, sampled pass@1 (T = 1), pass@k from `samples` samples, parse rate and mean response length (in
-    tokens, EOS included) of the samples, each with `<name>_se`; plus `examples`: the first greedy (prompt, response)
-    pairs with their rewards."""
+    tokens, EOS included) of the samples, each with `<name>_se`; `per_prompt`: each figure's value for each task (for
+    `paired_change`); `examples`: the first greedy (prompt, response) pairs with their rewards."""
     if samples < k:
         raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got samples={samples}")
     common = {"max_new_tokens": max_new_tokens, "window": window, "rows": rows}
@@ -114,7 +122,7 @@ def evaluate(
         "parse_rate": parsed.mean(axis=1),
         "response_length": lengths.mean(axis=1),
     }
-    result = {}
+    result = {"per_prompt": {name: np.asarray(v, np.float64).tolist() for name, v in figures.items()}}
     for name, per_prompt in figures.items():
         result[name], result[f"{name}_se"] = mean_and_error(per_prompt)
     result["examples"] = [

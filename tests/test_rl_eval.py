@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import pytest
 from conftest import SMALL
 from flax import nnx
@@ -32,6 +33,19 @@ def test_standard_error_of_a_0_1_outcome_is_binomial():
     assert mean == 0.75 and se == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
 
 
+def test_a_change_is_judged_by_the_standard_error_of_the_per_prompt_differences():
+    # Prompts of very different difficulty, each a little better after RL: the paired SE sees a steady gain that
+    # sqrt(se_before² + se_after²), which carries the spread between prompts, would call noise.
+    before = {"per_prompt": {"pass@1": [0.0, 0.5, 0.875, 0.25]}}
+    after = {"per_prompt": {"pass@1": [0.125, 0.625, 0.875, 0.375]}}
+    change, se = rl_eval.paired_change(before, after, "pass@1")
+    assert change == pytest.approx(0.375 / 4)
+    assert se == pytest.approx(math.sqrt(np.var([0.125, 0.125, 0.0, 0.125]) / 4))
+    unpaired = math.hypot(rl_eval.mean_and_error(before["per_prompt"]["pass@1"])[1],
+                          rl_eval.mean_and_error(after["per_prompt"]["pass@1"])[1])  # fmt: skip
+    assert change / unpaired < 1 and change / se > 3
+
+
 @pytest.mark.slow
 def test_evaluation_of_a_random_model_gives_figures_in_range(tmp_path):
     held = tasks.held_out_tasks()[:3]
@@ -47,4 +61,7 @@ def test_evaluation_of_a_random_model_gives_figures_in_range(tmp_path):
     assert 1.0 <= result["response_length"] <= 4.0
     assert result["pass@1"] <= result["pass@2"]
     assert result == again  # seeded: the same figures and examples
+    for name in ["greedy_pass@1", "pass@1", "pass@2", "parse_rate", "response_length"]:  # one value per task
+        assert len(result["per_prompt"][name]) == len(held)
+        assert np.mean(result["per_prompt"][name]) == pytest.approx(result[name])
     assert [e["prompt"] for e in result["examples"]] == [t.prompt for t in held]

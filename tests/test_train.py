@@ -1,5 +1,5 @@
-"""train.py end to end, as a user runs it: exact resume across stages (in a moved folder), the ledger, Ctrl-C, and
-bad input: what a run folder accepts, and one-line refusals that leave every file as it was.
+"""train.py end to end, as a user runs it: exact resume across all four stages, RL included (in a moved folder), the
+ledger, Ctrl-C, and bad input: what a run folder accepts, and one-line refusals that leave every file as it was.
 
 The refusals run train.py in this process (runpy), which saves the ~4 s of a fresh Python and JAX per case; a start
 that passes every check is stopped before its first step."""
@@ -35,7 +35,7 @@ TINY = [
     "--model.num_experts_per_tok=2", "--model.dtype=float32", "--data.seq_len=16", "--train.batch_size=4",
     "--train.pretrain_steps=4", "--train.context_steps=2", "--train.sft_steps=2", "--train.eval_every=100",
     "--train.eval_batches=1", "--train.ckpt_every=100", "--train.sample_tokens=0", "--train.warmup_steps=2",
-    "--train.rl_steps=0",  # tiny.toml's RL stage: tests/test_rl_stage.py
+    "--train.rl_steps=0",  # tiny.toml's RL stage: RL below
 ]  # fmt: skip
 
 
@@ -68,17 +68,37 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus")
 
 
+# tiny.toml's fourth stage, RL with GRPO, in 3 steps: 4 prompts x 2 samples of 4 new tokens, scored on 2 held-out prompts
+RL = [
+    "--train.rl_steps=3", "--train.rl_prompts=4", "--train.rl_samples=2", "--train.rl_max_new_tokens=4",
+    "--train.rl_eval_prompts=2", "--train.rl_learning_rate=1e-3",
+]  # fmt: skip
+
+
 def train_records(run: Path) -> list[tuple]:
+    """(step, stage, main_loss, router_bias) of every pre-training, context-extension and SFT step."""
     lines = read_metrics(run)
-    return [(r["step"], r["stage"], r["main_loss"], r["router_bias"]) for r in lines if not r.get("eval")]
+    return [(r["step"], r["stage"], r["main_loss"], r["router_bias"]) for r in lines if not r.get("eval")
+            and r["stage"] != "rl"]  # fmt: skip
+
+
+def rl_records(run: Path) -> list[dict]:
+    """The RL steps' records of metrics.jsonl (no main_loss: rewards, KL, ...), less their wall-clock seconds."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(run) if r["stage"] == "rl"]
 
 
 @pytest.mark.slow
-def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bit(tmp_path, corpus, jax_cache_env):
-    common = [*TINY, f"--data.path={corpus}"]
-    straight = train(*common, f"--train.out_dir={tmp_path / 'a'}", cwd=tmp_path, env=jax_cache_env)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    # stop inside pre-training (step 3 of 4), then inside context extension (step 5: across the stage boundary)
+def test_a_run_stopped_and_resumed_three_times_equals_the_uninterrupted_run_bit_for_bit(
+    tmp_path, corpus, jax_cache_env
+):
+    """All four stages (8 steps, then RL's 3): stopped inside pre-training (step 3), inside context extension (step
+    5: across the stage boundary) and after RL's first step (9: the resumed run reloads the reference model and the
+    scores of before RL), in a moved folder with a moved corpus; and the ledger, reports and RL's evaluation."""
+    common = [*TINY, *RL, f"--data.path={corpus}"]
+    # the uninterrupted run a, alongside b's four starts (a train.py keeps about one core busy)
+    straight = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, f"--train.out_dir={tmp_path / 'a'}"],
+                                cwd=tmp_path, env=jax_cache_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
     first = train(
         *common, f"--train.out_dir={tmp_path / 'b0'}", "--train.stop_after_steps=3", cwd=tmp_path, env=jax_cache_env
     )
@@ -86,15 +106,21 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
     # A run is what it trains, not where it lives: the stopped run and its corpus move, and the run continues
     (tmp_path / "b0").rename(tmp_path / "b")
     moved_corpus = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
-    for stop in (5, 0):
-        part = train(*TINY, f"--data.path={moved_corpus}", f"--train.out_dir={tmp_path / 'b'}",
+    for stop, resumed_at in ((5, 3), (9, 5), (0, 9)):
+        part = train(*TINY, *RL, f"--data.path={moved_corpus}", f"--train.out_dir={tmp_path / 'b'}",
                      f"--train.stop_after_steps={stop}", cwd=tmp_path, env=jax_cache_env)  # fmt: skip
         assert part.returncode == 0, part.stderr[-2000:]
-        assert f"resumed from checkpoint at step {3 if stop else 5}" in part.stdout
+        assert f"resumed from checkpoint at step {resumed_at}" in part.stdout
     assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["path"] == str(moved_corpus)
+    straight_out, straight_err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, straight_err[-2000:]
 
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     assert [r[0] for r in a] == list(range(1, 9)) and a == b  # every loss and router bias, exactly
+    rl_a, rl_b = rl_records(tmp_path / "a"), rl_records(tmp_path / "b")
+    assert [r["step"] for r in rl_a] == [9, 10, 11] and rl_a == rl_b  # rewards, losses, KL, biases: all exactly
+    assert all(r["gamma"] == 0 and r["mtp_lambda"] == 0 for r in rl_a)  # router biases frozen, no MTP
+    assert rl_a[0]["router_bias"] == rl_a[-1]["router_bias"]
     model_a, _, _ = load_run(tmp_path / "a")
     model_b, _, _ = load_run(tmp_path / "b")
     jax.tree.map(
@@ -110,14 +136,22 @@ def test_a_run_stopped_and_resumed_twice_equals_the_uninterrupted_run_bit_for_bi
         assert stages[name]["steps"] == steps and stages[name]["tokens"] == steps * seq_len * batch
         per_token = flops.flops_per_token(cfg if name == "pretrain" else yarn, seq_len).total
         np.testing.assert_allclose(stages[name]["flops"], stages[name]["tokens"] * per_token, rtol=1e-9)
-    for f in ("costs.md", "loss.png", "expert_load.png", "router_bias.png", "manifest.json"):
+    assert stages["rl"]["steps"] == 3 and stages["rl"]["tokens"] == sum(r["tokens"] for r in rl_a)
+    for f in ("costs.md", "loss.png", "expert_load.png", "router_bias.png", "rl_reward.png", "manifest.json"):
         assert (tmp_path / "b" / f).is_file(), f
-    assert "Context Extension" in (tmp_path / "b" / "costs.md").read_text()
-    # The final report: held-out pre-training text and, as post-training ran, the held-out SFT pairs
+    costs = (tmp_path / "b" / "costs.md").read_text()
+    assert "Context Extension" in costs and " + RL " in costs  # RL's share of the Post-Training column
+    # The final report: held-out pre-training text, the held-out SFT pairs, and the RL task before and after RL
     final = json.loads((tmp_path / "b" / "final.json").read_text())
     assert final == json.loads((tmp_path / "a" / "final.json").read_text())
     assert final["val_loss"] > 0 and final["unigram_entropy"] > 0 and len(final["maxvio_global"]) == 1  # one MoE layer
     assert final["sft"]["val_loss"] > 0 and len(final["sft"]["maxvio_global"]) == 1
+    for when in ("before", "after"):
+        ev = final["rl"][when]
+        for name in ("greedy_pass@1", "pass@1", "pass@8", "parse_rate", "response_length", "stdlib_val_loss"):
+            assert np.isfinite(ev[name]), (when, name)
+        assert 0 <= ev["pass@1"] <= ev["pass@8"] <= 1 and ev["pass@1_se"] >= 0
+    assert "held-out RL task" in straight_out  # the before/after table
 
 
 @pytest.mark.slow
