@@ -7,6 +7,7 @@ optimizer update and outside autodiff. A step whose loss or gradient is not fini
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,18 +22,25 @@ from minidsv3.model import Transformer, cross_entropy, training_loss, update_rou
 
 
 def make_optimizer(model: Transformer, tc: TrainConfig) -> nnx.Optimizer:
-    """AdamW (β1 0.9, β2 0.95, weight decay 0.1) after global-norm clipping at 1.0, on the nnx.Params only.
+    """AdamW (β1 0.9, β2 0.95, weight decay 0.1) after global-norm clipping at 1.0, on the nnx.Params only."""
+    return nnx.Optimizer(model, transformation(tc), wrt=nnx.Param)
+
+
+@functools.cache
+def transformation(tc: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """The optimizer's optax transformation, one per config: nnx.jit keys a compiled train_step on its arguments'
+    graph, the transformation's functions included, so a second optimizer of the same config (a test's, a bench's)
+    reuses the step compiled for the first instead of compiling it again.
 
     optax.adamw is scale_by_adam -> add_decayed_weights -> scale by -lr; we chain the same three, with the last taking
     the learning rate from each update (`optimizer.update(model, grads, learning_rate=lr)`) instead of a schedule of
     the update count, because the schedule counts tokens, which only train.py knows (schedules.py)."""
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.scale_by_adam(b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps),
         optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
         scale_by_learning_rate_argument(),
     )
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:

@@ -12,10 +12,8 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from minidsv3 import step
-from minidsv3.config import ModelConfig, TrainConfig
+from minidsv3.config import ModelConfig
 
 SMALL = ModelConfig(
     vocab_size=97,
@@ -43,20 +41,6 @@ SMALL = ModelConfig(
 @pytest.fixture
 def cfg() -> ModelConfig:
     return SMALL
-
-
-_TRANSFORMATIONS: dict = {}  # TrainConfig -> the optax transformation of the first optimizer made for it
-
-
-def make_optimizer(model: nnx.Module, tc: TrainConfig) -> nnx.Optimizer:
-    """step.make_optimizer's AdamW, holding one optax transformation per TrainConfig for the whole session.
-
-    Why: nnx.jit keys a compiled train_step on the graph of its arguments, and the optimizer's transformation is part
-    of it; make_optimizer chains new functions at each call, so every new optimizer would compile the step anew (~10 s
-    on 2 cores). The transformation reused is the one make_optimizer built, for the same config."""
-    optimizer = step.make_optimizer(model, tc)
-    tx = _TRANSFORMATIONS.setdefault(tc, optimizer.tx)
-    return optimizer if tx is optimizer.tx else nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's SMALL and make_optimizer, in the subprocess too
-from conftest import SMALL, make_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's SMALL, in the subprocess too
+from conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dataclasses.replace(SMALL, num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
@@ -144,7 +144,7 @@ def main(out_path: str) -> None:
     from minidsv3.config import TrainConfig
     from minidsv3.dispatch import dispatch
     from minidsv3.model import Transformer, routers
-    from minidsv3.step import train_step
+    from minidsv3.step import make_optimizer, train_step
 
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     data, tc, results = batches(), TrainConfig(), {}

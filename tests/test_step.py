@@ -6,13 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from conftest import make_optimizer
 from flax import nnx
 
 from minidsv3 import moe
 from minidsv3.config import TrainConfig
 from minidsv3.model import Transformer, routers, training_loss
-from minidsv3.step import evaluate, train_step
+from minidsv3.step import evaluate, make_optimizer, train_step
 
 TRAIN = TrainConfig(pretrain_steps=1000, context_steps=0, sft_steps=0)
 LR = 1e-2  # the learning rate each step gets (train.py takes it from schedules.learning_rate)
